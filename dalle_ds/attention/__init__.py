@@ -1,0 +1,1 @@
+"""Attention patterns and kernels."""

@@ -1,0 +1,132 @@
+"""Attention kernels for the patterns in ``patterns.py``, and the dispatch between them.
+
+einops legend: b batch, h heads, n sequence, d head dim, g key group, q queries of a group,
+s keys of a group (text keys first, then the group's image keys).
+
+Paths, chosen automatically by ``attend``:
+- full pattern: fused causal SDPA (flash kernel on CPU and CUDA);
+- sparse pattern on CUDA without dropout: FlexAttention with a block mask (compiled);
+- sparse pattern otherwise: ``gathered_attention``, the CPU path, whose cost follows density;
+- incremental decoding (KV cache): SDPA over the cache with the pattern's mask rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import flex_attention as _flex
+
+from .patterns import AttentionPattern
+
+
+class GroupPlan:
+    """Index tensors and masks for ``gathered_attention``, built once per pattern and device."""
+
+    def __init__(self, pattern: AttentionPattern, device: torch.device):
+        layout = pattern.layout
+        t, n_img = layout.text_len, layout.image_len
+        q_idx, k_idx = pattern.groups()
+        q_pos = torch.where(q_idx >= 0, q_idx + t, layout.total_len)  # padding: after everything
+        k_pos = k_idx + t
+        image_mask = pattern.allowed(q_pos[:, :, None], k_pos[:, None, :]) & (k_idx >= 0)[:, None, :]
+        text_mask = torch.ones(*q_idx.shape, t, dtype=torch.bool)
+        # Padding rows (-1) gather the zero row appended at index n_img.
+        self.q_index = torch.where(q_idx >= 0, q_idx, n_img).flatten().to(device)
+        self.k_index = torch.where(k_idx >= 0, k_idx, n_img).flatten().to(device)
+        self.group_shape = tuple(q_idx.shape), k_idx.shape[1]
+        self.mask = torch.cat([text_mask, image_mask], dim=-1).to(device)  # (g, q, t + s)
+        flat = q_idx.flatten()
+        inverse = torch.empty(n_img, dtype=torch.long)
+        inverse[flat[flat >= 0]] = torch.nonzero(flat >= 0).squeeze(1)
+        self.inverse = inverse.to(device)  # image index -> row in the flattened groups
+
+
+def _plan(pattern: AttentionPattern, device: torch.device) -> GroupPlan:
+    plans = pattern.__dict__.setdefault("_group_plans", {})
+    if device not in plans:
+        plans[device] = GroupPlan(pattern, device)
+    return plans[device]
+
+
+def gathered_attention(pattern: AttentionPattern, q, k, v, dropout_p: float = 0.0):
+    """Exact attention for a sparse pattern over a prefix of the sequence (n <= total_len).
+
+    Text queries: causal SDPA over text. Image queries: gathered into groups, each group a
+    small dense SDPA over [all text keys | the group's image keys] with the pattern's mask.
+    q, k, v: (b, h, n, d) -> (b, h, n, d).
+    """
+    t = pattern.layout.text_len
+    n = q.shape[2]
+    n_text = min(n, t)
+    out_text = F.scaled_dot_product_attention(
+        q[:, :, :n_text], k[:, :, :n_text], v[:, :, :n_text], is_causal=True, dropout_p=dropout_p
+    )
+    if n <= t:
+        return out_text
+    plan = _plan(pattern, q.device)
+    b, h, _, d = q.shape
+    (g, lq), ls = plan.group_shape
+    n_img = pattern.layout.image_len
+
+    def image_rows(x):  # (b, h, n_img + 1, d): missing tail tokens and the padding row are zeros
+        return F.pad(x[:, :, t:], (0, 0, 0, n_img + 1 - (n - t)))
+
+    qg = image_rows(q)[:, :, plan.q_index].reshape(b * h, g, lq, d)
+    kt = k[:, :, :t].reshape(b * h, 1, t, d).expand(b * h, g, t, d)
+    vt = v[:, :, :t].reshape(b * h, 1, t, d).expand(b * h, g, t, d)
+    kg = torch.cat([kt, image_rows(k)[:, :, plan.k_index].reshape(b * h, g, ls, d)], dim=2)
+    vg = torch.cat([vt, image_rows(v)[:, :, plan.k_index].reshape(b * h, g, ls, d)], dim=2)
+    og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=plan.mask, dropout_p=dropout_p)
+    out_img = og.reshape(b, h, g * lq, d)[:, :, plan.inverse[: n - t]]
+    return torch.cat([out_text, out_img], dim=2)
+
+
+def dense_reference_attention(pattern: AttentionPattern, q, k, v, dropout_p: float = 0.0):
+    """SDPA with the pattern's full (n, n) mask: the reference the fast paths are tested against."""
+    mask = pattern.dense_mask(q.shape[2], device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+_compiled_flex = None
+
+
+def flex_pattern_attention(pattern: AttentionPattern, q, k, v, compiled: bool = True):
+    """FlexAttention with the pattern's block mask (built once per length and device)."""
+    global _compiled_flex
+    n = q.shape[2]
+    masks = pattern.__dict__.setdefault("_block_masks", {})
+    key = (n, q.device)
+    if key not in masks:
+        masks[key] = _flex.create_block_mask(
+            lambda b, h, qi, ki: pattern.allowed(qi, ki), None, None, n, n, device=q.device
+        )
+    if not compiled:
+        return _flex.flex_attention(q, k, v, block_mask=masks[key])
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(_flex.flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=masks[key])
+
+
+def decode_attention(pattern: AttentionPattern, q, k, v, start: int):
+    """Queries at positions [start, start + nq) against cached keys [0, start + nq)."""
+    nq, nk = q.shape[2], k.shape[2]
+    if nq == 1 and not pattern.sparse:
+        return F.scaled_dot_product_attention(q, k, v)
+    masks = pattern.__dict__.setdefault("_dense_masks", {})
+    if q.device not in masks:
+        masks[q.device] = pattern.dense_mask(device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=masks[q.device][start : start + nq, :nk])
+
+
+def attend(pattern: AttentionPattern, q, k, v, *, start: int = 0, dropout_p: float = 0.0):
+    """Pattern attention for queries at positions [start, start + nq); k, v cover [0, start + nq).
+
+    q: (b, h, nq, d); k, v: (b, h, start + nq, d) -> (b, h, nq, d).
+    """
+    if start > 0:
+        return decode_attention(pattern, q, k, v, start)
+    if not pattern.sparse:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    if q.is_cuda and dropout_p == 0.0:
+        return flex_pattern_attention(pattern, q, k, v)
+    return gathered_attention(pattern, q, k, v, dropout_p)

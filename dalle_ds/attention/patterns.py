@@ -1,0 +1,204 @@
+"""DALL-E's attention patterns over a [text | image grid] sequence.
+
+Sequence layout (positions): ``0 .. text_len-1`` are text (bos + caption), then image code
+``i`` (raster order on a ``grid_h x grid_w`` grid) sits at position ``text_len + i``.
+
+Every pattern is causal. Text queries attend causally to text. Image queries attend to all of
+the text plus the image keys their pattern allows. Each pattern states its rule once, in
+``image_rule``; the dense reference mask, the FlexAttention mask and the key groups of the CPU
+kernel are all derived from it, so the three paths cannot drift apart.
+
+The CPU kernel (``attention.gathered``) needs each pattern to cover its allowed keys with
+*groups*: a group is a set of image queries and a set of image keys such that every key a query
+may see lies in its group's key set. ``groups()`` returns them as index tensors padded with -1.
+The work done is sum(|queries| x (text_len + |keys|)) over groups: it follows the density.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+ATTN_TYPES = ("full", "axial_row", "axial_col", "conv_like", "sparse")
+
+
+@dataclass(frozen=True)
+class SequenceLayout:
+    """Where text and image sit in the transformer's sequence."""
+
+    text_len: int  # bos + text_seq_len
+    grid_h: int
+    grid_w: int
+
+    @property
+    def image_len(self) -> int:
+        return self.grid_h * self.grid_w
+
+    @property
+    def total_len(self) -> int:
+        return self.text_len + self.image_len
+
+
+class AttentionPattern:
+    """Base class: a causal [text | image] mask defined by an image-to-image rule."""
+
+    name = "full"
+    sparse = False  # False: handled by plain causal attention everywhere
+
+    def __init__(self, layout: SequenceLayout):
+        self.layout = layout
+
+    def image_rule(self, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
+        """May image query ``qi`` see image key ``ki`` (both image indices, ki <= qi)?"""
+        return torch.ones_like(qi & ki, dtype=torch.bool)
+
+    def allowed(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Boolean mask for sequence positions (broadcasting; tensor ops only, so that
+        FlexAttention can trace it)."""
+        t = self.layout.text_len
+        qi = (q - t).clamp(min=0)
+        ki = (k - t).clamp(min=0)
+        return (k <= q) & ((k < t) | ((q >= t) & self.image_rule(qi, ki)))
+
+    def dense_mask(self, n: int | None = None, device=None) -> torch.Tensor:
+        """(n, n) bool mask. The reference that every fast path is tested against."""
+        n = self.layout.total_len if n is None else n
+        pos = torch.arange(n, device=device)
+        return self.allowed(pos[:, None], pos[None, :])
+
+    def groups(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query_index (G, Lq), key_index (G, Lk)) image indices, -1 = padding."""
+        raise NotImplementedError(f"{self.name} attention has no key groups")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.layout})"
+
+
+class FullPattern(AttentionPattern):
+    name = "full"
+
+
+class AxialRowPattern(AttentionPattern):
+    """Each image token sees the earlier tokens of its own row."""
+
+    name = "axial_row"
+    sparse = True
+
+    def image_rule(self, qi, ki):
+        w = self.layout.grid_w
+        return qi // w == ki // w
+
+    def groups(self):
+        idx = torch.arange(self.layout.image_len).view(self.layout.grid_h, self.layout.grid_w)
+        return idx, idx
+
+
+class AxialColPattern(AttentionPattern):
+    """Each image token sees the earlier tokens of its own column."""
+
+    name = "axial_col"
+    sparse = True
+
+    def image_rule(self, qi, ki):
+        w = self.layout.grid_w
+        return qi % w == ki % w
+
+    def groups(self):
+        idx = torch.arange(self.layout.image_len).view(self.layout.grid_h, self.layout.grid_w).t()
+        return idx, idx
+
+
+class ConvLikePattern(AttentionPattern):
+    """Each image token sees the causal part of the k x k window centred on it."""
+
+    name = "conv_like"
+    sparse = True
+    tile_w = 8  # queries per group: a run of tile_w tokens of one row share a key window
+
+    def __init__(self, layout: SequenceLayout, kernel_size: int = 5):
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"conv_like kernel_size must be a positive odd number, got {kernel_size}")
+        super().__init__(layout)
+        self.kernel_size = kernel_size
+
+    def image_rule(self, qi, ki):
+        w, r = self.layout.grid_w, self.kernel_size // 2
+        return (qi // w - ki // w <= r) & ((qi % w - ki % w).abs() <= r)
+
+    def groups(self):
+        h, w, r = self.layout.grid_h, self.layout.grid_w, self.kernel_size // 2
+        tw = min(self.tile_w, w)
+        q_rows, k_rows = [], []
+        for row in range(h):
+            for c0 in range(0, w, tw):
+                q_cols = torch.arange(c0, c0 + tw)
+                q_rows.append(torch.where(q_cols < w, row * w + q_cols, -1))
+                k_r = torch.arange(row - r, row + 1)[:, None]
+                k_c = torch.arange(c0 - r, c0 + tw + r)[None, :]
+                inside = (k_r >= 0) & (k_c >= 0) & (k_c < w)
+                k_rows.append(torch.where(inside, k_r * w + k_c, -1).flatten())
+        return torch.stack(q_rows), torch.stack(k_rows)
+
+
+class BlockSparsePattern(AttentionPattern):
+    """Image tokens in blocks of ``block_size`` (raster order). A block sees itself and the
+    ``local_blocks - 1`` blocks before it, plus every ``stride``-th earlier block (the last
+    block of each stride acts as a summary, as in Sparse Transformer's fixed pattern)."""
+
+    name = "sparse"
+    sparse = True
+
+    def __init__(self, layout: SequenceLayout, block_size: int = 16, local_blocks: int = 4, stride: int = 8):
+        if min(block_size, local_blocks, stride) < 1:
+            raise ValueError(
+                f"sparse attention needs block_size, local_blocks and stride >= 1, got "
+                f"{block_size}, {local_blocks}, {stride}"
+            )
+        super().__init__(layout)
+        self.block_size, self.local_blocks, self.stride = block_size, local_blocks, stride
+
+    def image_rule(self, qi, ki):
+        bq, bk = qi // self.block_size, ki // self.block_size
+        return (bq - bk < self.local_blocks) | (bk % self.stride == self.stride - 1)
+
+    def groups(self):
+        n, bs = self.layout.image_len, self.block_size
+        num_blocks = math.ceil(n / bs)
+        key_blocks = [
+            [kb for kb in range(qb + 1) if qb - kb < self.local_blocks or kb % self.stride == self.stride - 1]
+            for qb in range(num_blocks)
+        ]
+        width = max(len(kbs) for kbs in key_blocks) * bs
+        offsets = torch.arange(bs)
+        q_idx = torch.arange(num_blocks)[:, None] * bs + offsets
+        k_idx = torch.full((num_blocks, width), -1)
+        for qb, kbs in enumerate(key_blocks):
+            keys = (torch.tensor(kbs)[:, None] * bs + offsets).flatten()
+            k_idx[qb, : len(keys)] = keys
+        return _pad_out_of_range(q_idx, n), _pad_out_of_range(k_idx, n)
+
+
+def _pad_out_of_range(idx: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.where(idx < n, idx, -1)
+
+
+def build_pattern(attn_type: str, layout: SequenceLayout, **options) -> AttentionPattern:
+    """``options``: conv_kernel_size, sparse_block_size, sparse_local_blocks, sparse_stride."""
+    if attn_type == "full":
+        return FullPattern(layout)
+    if attn_type == "axial_row":
+        return AxialRowPattern(layout)
+    if attn_type == "axial_col":
+        return AxialColPattern(layout)
+    if attn_type == "conv_like":
+        return ConvLikePattern(layout, options.get("conv_kernel_size", 5))
+    if attn_type == "sparse":
+        return BlockSparsePattern(
+            layout,
+            options.get("sparse_block_size", 16),
+            options.get("sparse_local_blocks", 4),
+            options.get("sparse_stride", 8),
+        )
+    raise ValueError(f"unknown attention type {attn_type!r}; expected one of {', '.join(ATTN_TYPES)}")

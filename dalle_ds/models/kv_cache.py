@@ -1,0 +1,29 @@
+"""Preallocated key/value cache for incremental decoding."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Per-layer keys and values for positions [0, length). ``append`` writes in place, so a
+    decoding step costs no reallocation or concatenation."""
+
+    def __init__(self, num_layers: int, max_len: int):
+        self.max_len = max_len
+        self.length = 0  # positions cached before the current forward pass
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: (b, h, t, d) for positions [length, length + t) -> all cached (b, h, length + t, d)."""
+        if self.keys[layer] is None:
+            b, h, _, d = k.shape
+            self.keys[layer] = k.new_empty(b, h, self.max_len, d)
+            self.values[layer] = v.new_empty(b, h, self.max_len, d)
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; asked to reach {end}")
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]

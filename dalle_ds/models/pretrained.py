@@ -1,0 +1,105 @@
+"""save_pretrained / from_pretrained for the model classes: config.json + model.safetensors.
+
+Each model records the arguments its constructor was called with (``@records_config``); that
+record is the config. A sub-model passed as an argument (DALLE's vae) is stored as its own
+nested config, and its weights travel in the parent's safetensors file.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+_REGISTRY: dict[str, type] = {}
+
+
+def records_config(init):
+    """Decorates a model's ``__init__`` so that ``self.config`` holds its bound arguments."""
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        init(self, *args, **kwargs)
+        self.config = {k: v for k, v in bound.arguments.items() if k != "self"}
+
+    return wrapper
+
+
+def _to_json(value):
+    if isinstance(value, PretrainedMixin):
+        return {"model_class": type(value).__name__, "config": _to_json(value.config)}
+    if isinstance(value, dict):
+        return {k: _to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_json(v) for v in value]
+    return value
+
+
+def _from_json(value):
+    if isinstance(value, dict) and set(value) == {"model_class", "config"}:
+        return model_from_config(value)
+    if isinstance(value, dict):
+        return {k: _from_json(v) for k, v in value.items()}
+    return value
+
+
+def model_from_config(record: dict) -> torch.nn.Module:
+    """Builds an untrained model from ``{"model_class": ..., "config": {...}}``."""
+    name = record.get("model_class")
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model class {name!r} in config; expected one of {sorted(_REGISTRY)}")
+    return _REGISTRY[name](**_from_json(record["config"]))
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class PretrainedMixin:
+    """Adds save_pretrained / from_pretrained to an nn.Module whose __init__ is @records_config."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _REGISTRY[cls.__name__] = cls
+
+    def config_record(self) -> dict:
+        return _to_json(self)
+
+    def save_pretrained(self, directory) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.config_record(), indent=2)
+        _atomic_write(directory / WEIGHTS_FILE, lambda p: save_model(self, str(p)))
+        _atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(text))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory, device: str | torch.device = "cpu"):
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        if not config_path.is_file() or not weights_path.is_file():
+            raise ValueError(
+                f"{directory} is not a saved model: expected {CONFIG_FILE} and {WEIGHTS_FILE} "
+                f"(written by save_pretrained or `dalle-ds export`)"
+            )
+        record = json.loads(config_path.read_text())
+        if record.get("model_class") != cls.__name__:
+            raise ValueError(
+                f"{directory} holds a {record.get('model_class')}, not a {cls.__name__}; "
+                f"load it with {record.get('model_class')}.from_pretrained"
+            )
+        model = model_from_config(record)
+        load_model(model, str(weights_path), strict=True, device=str(device))
+        return model.to(device)

@@ -1,0 +1,101 @@
+"""Pre-norm transformer used by DALLE and CLIP.
+
+Attention here owns the projections only. What the heads attend to (a causal pattern with a KV
+cache in DALLE, a padding mask in CLIP) is an ``AttendFn`` handed in by the caller per layer, so
+this file knows nothing about sparsity, caches or devices.
+
+einops legend: b batch, n sequence, h heads, d head dim.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .reversible import reversible_sequence
+
+# attend(q, k, v, dropout_p=...) -> out, all (b, h, n, d)
+AttendFn = Callable[..., torch.Tensor]
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float = 0.0):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
+        self.to_out = nn.Linear(heads * dim_head, dim)
+
+    def forward(self, x: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+        q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        out = attend(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward (Shazeer 2020), as in DALLE-pytorch."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.proj_in = nn.Linear(dim, dim * mult * 2)
+        self.dropout = nn.Dropout(dropout)
+        self.proj_out = nn.Linear(dim * mult, dim)
+
+    def forward(self, x):
+        x, gate = self.proj_in(x).chunk(2, dim=-1)
+        return self.proj_out(self.dropout(x * F.gelu(gate)))
+
+
+class Block(nn.Module):
+    """Attention and feed-forward branches, each pre-normed and, with sandwich norm (CogView),
+    post-normed too. The residual additions live in ``Transformer`` (plain or reversible)."""
+
+    def __init__(self, dim, heads, dim_head, ff_mult, attn_dropout, ff_dropout, sandwich_norm):
+        super().__init__()
+        post_norm = (lambda: nn.LayerNorm(dim)) if sandwich_norm else nn.Identity
+        self.attn_norm, self.attn, self.attn_post_norm = (
+            nn.LayerNorm(dim), Attention(dim, heads, dim_head, attn_dropout), post_norm())
+        self.ff_norm, self.ff, self.ff_post_norm = (
+            nn.LayerNorm(dim), FeedForward(dim, ff_mult, ff_dropout), post_norm())
+
+    def attn_branch(self, x, attend: AttendFn):
+        return self.attn_post_norm(self.attn(self.attn_norm(x), attend))
+
+    def ff_branch(self, x):
+        return self.ff_post_norm(self.ff(self.ff_norm(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        heads: int = 8,
+        dim_head: int = 64,
+        ff_mult: int = 4,
+        attn_dropout: float = 0.0,
+        ff_dropout: float = 0.0,
+        sandwich_norm: bool = False,
+        reversible: bool = False,
+    ):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, dim_head, ff_mult, attn_dropout, ff_dropout, sandwich_norm) for _ in range(depth)
+        )
+        self.reversible = reversible
+        # False: differentiate the reversible stack with plain autograd (the test reference).
+        self.reversible_memory_efficient = True
+
+    def forward(self, x: torch.Tensor, attends: Sequence[AttendFn]) -> torch.Tensor:
+        """x: (b, n, dim); ``attends``: one attention function per layer."""
+        if self.reversible:
+            layers = [(partial(blk.attn_branch, attend=a), blk.ff_branch) for blk, a in zip(self.blocks, attends)]
+            return reversible_sequence(x, layers, self.reversible_memory_efficient)
+        for blk, attend in zip(self.blocks, attends):
+            x = x + blk.attn_branch(x, attend)
+            x = x + blk.ff_branch(x)
+        return x

@@ -1,0 +1,27 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="dalle-ds",
+    version="0.1.0",
+    description="Distributed DALL-E training with DeepSpeed ZeRO, sparse and reversible attention, and CLIP reranking",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["dalle_ds", "dalle_ds.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4,<2.15",
+        "deepspeed>=0.19,<0.20",
+        "einops>=0.8,<1",
+        "safetensors>=0.4,<1",
+        "sentencepiece>=0.2,<0.3",
+        "webdataset>=0.2.90,<2",
+        "tensorboard>=2.15,<3",
+        "pillow>=10,<13",
+        "numpy>=1.24,<3",
+    ],
+    extras_require={
+        "dev": ["pytest>=8,<10", "pytest-timeout>=2.3,<3"],
+    },
+)
