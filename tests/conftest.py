@@ -1,0 +1,29 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny_vae(**overrides):
+    from dalle_ds import DiscreteVAE
+
+    cfg = dict(image_size=16, num_layers=2, num_tokens=32, codebook_dim=16, hidden_dim=8)
+    cfg.update(overrides)
+    return DiscreteVAE(**cfg)
+
+
+def tiny_dalle(vae=None, **overrides):
+    from dalle_ds import DALLE
+
+    cfg = dict(dim=32, vae=vae or tiny_vae(), num_text_tokens=50, text_seq_len=6, depth=2, heads=2, dim_head=8,
+               sparse_block_size=4, sparse_local_blocks=2, sparse_stride=2, conv_kernel_size=3)
+    cfg.update(overrides)
+    return DALLE(**cfg)

@@ -1,0 +1,117 @@
+"""Attention patterns: hand-written golden masks, and every fast path against the dense
+masked reference, forward and backward."""
+
+import warnings
+
+import pytest
+import torch
+
+from dalle_ds.attention.kernels import (attend, decode_attention, dense_reference_attention,
+                                        flex_pattern_attention, gathered_attention)
+from dalle_ds.attention.patterns import ATTN_TYPES, SequenceLayout, build_pattern
+
+# text_len 2 (bos + one caption token), 3x3 image grid: positions 0-1 text, 2-10 image.
+LAYOUT = SequenceLayout(text_len=2, grid_h=3, grid_w=3)
+OPTIONS = dict(conv_kernel_size=3, sparse_block_size=2, sparse_local_blocks=2, sparse_stride=2)
+TEXT_ROWS = ["10" + "0" * 9, "11" + "0" * 9]
+# image-to-image part (query rows, key columns); every image query also sees both text tokens.
+GOLDEN_IMAGE = {
+    "full": ["100000000", "110000000", "111000000", "111100000", "111110000",
+             "111111000", "111111100", "111111110", "111111111"],
+    "axial_row": ["100000000", "110000000", "111000000", "000100000", "000110000",
+                  "000111000", "000000100", "000000110", "000000111"],
+    "axial_col": ["100000000", "010000000", "001000000", "100100000", "010010000",
+                  "001001000", "100100100", "010010010", "001001001"],
+    # causal half of the 3x3 window around each token
+    "conv_like": ["100000000", "110000000", "011000000", "110100000", "111110000",
+                  "011011000", "000110100", "000111110", "000011011"],
+    # blocks of 2: {0,1} {2,3} {4,5} {6,7} {8}; own + previous block, plus odd (summary) blocks
+    "sparse": ["100000000", "110000000", "111000000", "111100000", "001110000",
+               "001111000", "001111100", "001111110", "001100111"],
+}
+
+
+def as_mask(rows):
+    return torch.tensor([[c == "1" for c in row] for row in rows])
+
+
+@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+def test_golden_mask(attn_type):
+    golden = as_mask(TEXT_ROWS + ["11" + row for row in GOLDEN_IMAGE[attn_type]])
+    mask = build_pattern(attn_type, LAYOUT, **OPTIONS).dense_mask()
+    assert torch.equal(mask, golden), f"\n{mask.int()}"
+
+
+def test_unknown_attention_type_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown attention type 'axial_diag'.*full, axial_row"):
+        build_pattern("axial_diag", LAYOUT)
+
+
+CASES = [  # (layout, options): odd sizes, partial blocks and tiles, text longer than a row
+    (SequenceLayout(5, 6, 7), dict(sparse_block_size=4, sparse_local_blocks=2, sparse_stride=3)),
+    (SequenceLayout(3, 8, 8), dict(conv_kernel_size=5, sparse_block_size=8, sparse_local_blocks=3, sparse_stride=2)),
+    (SequenceLayout(9, 4, 12), dict(conv_kernel_size=3, sparse_block_size=5, sparse_local_blocks=1, sparse_stride=4)),
+]
+
+
+def qkv(n, requires_grad=True, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 3, n, 8, generator=g, dtype=dtype).requires_grad_(requires_grad) for _ in range(3)]
+
+
+@pytest.mark.parametrize("attn_type", [t for t in ATTN_TYPES if t != "full"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_gathered_cpu_path_equals_dense_reference(attn_type, case):
+    layout, options = CASES[case]
+    pattern = build_pattern(attn_type, layout, **options)
+    for n in (layout.total_len, layout.total_len - 1, layout.text_len + 3, layout.text_len - 1):
+        q, k, v = qkv(n)
+        fast, ref = gathered_attention(pattern, q, k, v), dense_reference_attention(pattern, q, k, v)
+        torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+        grad = torch.randn_like(fast)
+        for a, b in zip(torch.autograd.grad(fast, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_gathered_path_work_follows_density():
+    """The CPU path scores far fewer query-key pairs than a dense mask would."""
+    layout = SequenceLayout(65, 32, 32)
+    dense_pairs = layout.total_len * (layout.total_len + 1) / 2
+    for attn_type in ("axial_row", "axial_col", "conv_like", "sparse"):
+        q_idx, k_idx = build_pattern(attn_type, layout).groups()
+        scored = layout.text_len**2 + q_idx.numel() * (layout.text_len + k_idx.shape[1])
+        assert scored < 0.45 * dense_pairs, (attn_type, scored / dense_pairs)
+
+
+@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+def test_flex_block_mask_path_equals_dense_reference(attn_type):
+    """The CUDA path's FlexAttention mask, run uncompiled on CPU (forward only there)."""
+    layout, options = CASES[0]
+    pattern = build_pattern(attn_type, layout, **options)
+    q, k, v = qkv(layout.total_len, requires_grad=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = flex_pattern_attention(pattern, q, k, v, compiled=False)
+    torch.testing.assert_close(out, dense_reference_attention(pattern, q, k, v), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+def test_incremental_decoding_equals_reference_rows(attn_type):
+    layout, options = CASES[1]
+    pattern = build_pattern(attn_type, layout, **options)
+    n = layout.total_len
+    q, k, v = qkv(n, requires_grad=False)
+    ref = dense_reference_attention(pattern, q, k, v)
+    for start, width in ((layout.text_len + 4, 1), (n - 1, 1), (layout.text_len, 5)):
+        out = decode_attention(pattern, q[:, :, start:start + width], k[:, :, :start + width],
+                               v[:, :, :start + width], start)
+        torch.testing.assert_close(out, ref[:, :, start:start + width], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+def test_dispatch_equals_reference(attn_type):
+    layout, options = CASES[2]
+    pattern = build_pattern(attn_type, layout, **options)
+    q, k, v = qkv(layout.total_len - 1, requires_grad=False)
+    torch.testing.assert_close(attend(pattern, q, k, v), dense_reference_attention(pattern, q, k, v),
+                               atol=1e-5, rtol=1e-5)

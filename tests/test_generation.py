@@ -1,0 +1,114 @@
+"""Generation: KV cache equals uncached decoding for every pattern, sampling controls,
+guidance, priming, seeds and CLIP reranking."""
+
+import pytest
+import torch
+
+from conftest import tiny_dalle
+from dalle_ds import CLIP
+from dalle_ds.attention.patterns import ATTN_TYPES
+from dalle_ds.models.kv_cache import KVCache
+from dalle_ds.models.sampling import top_k_filter, top_p_filter
+
+
+def captions(dalle, b=2):
+    return torch.randint(1, dalle.num_text_tokens, (b, dalle.text_seq_len))
+
+
+@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+@pytest.mark.parametrize("reversible", [False, True])
+def test_cached_logits_equal_a_full_forward(attn_type, reversible):
+    dalle = tiny_dalle(attn_types=(attn_type, "full"), reversible=reversible).eval()
+    text = captions(dalle)
+    codes = torch.randint(0, dalle.num_image_tokens, (2, dalle.image_seq_len))
+    with torch.no_grad():
+        full = dalle.to_image_logits(dalle.hidden(torch.cat(
+            [dalle.embed_text(dalle.prepare_text(text)), dalle.embed_image(codes[:, :-1])], dim=1)))
+        cache = KVCache(len(dalle.patterns), dalle.layout.total_len)
+        steps = [dalle.hidden(torch.cat([dalle.embed_text(dalle.prepare_text(text)),
+                                         dalle.embed_image(codes[:, :3])], dim=1), cache)[:, -4:]]
+        for j in range(3, dalle.image_seq_len - 1):
+            steps.append(dalle.hidden(dalle.embed_image(codes[:, j:j + 1], j), cache))
+        cached = dalle.to_image_logits(torch.cat(steps, dim=1))
+    torch.testing.assert_close(cached, full[:, dalle.text_seq_len:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+def test_cached_generation_equals_uncached(attn_type):
+    dalle = tiny_dalle(attn_types=attn_type)
+    text = captions(dalle)
+    cached = dalle.generate_codes(text, seed=3, use_cache=True)
+    assert torch.equal(cached, dalle.generate_codes(text, seed=3, use_cache=False))
+    assert cached.shape == (2, dalle.image_seq_len)
+    assert cached.min() >= 0 and cached.max() < dalle.num_image_tokens
+
+
+def test_seed_makes_generation_reproducible():
+    dalle = tiny_dalle()
+    text = captions(dalle, b=3)
+    a = dalle.generate_codes(text, seed=7, filter_thres=0.0)
+    assert torch.equal(a, dalle.generate_codes(text, seed=7, filter_thres=0.0))
+    assert not torch.equal(a, dalle.generate_codes(text, seed=8, filter_thres=0.0))
+
+
+def test_greedy_and_top1_agree():
+    dalle = tiny_dalle()
+    text = captions(dalle)
+    greedy = dalle.generate_codes(text, temperature=0.0)
+    assert torch.equal(greedy, dalle.generate_codes(text, filter_thres=0.999, seed=1))
+    assert torch.equal(greedy, dalle.generate_codes(text, top_p=1e-6, filter_thres=None, seed=2))
+
+
+def test_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda x: torch.isfinite(x)[0].tolist()  # noqa: E731
+    assert kept(top_k_filter(logits, 0.5)) == [True, True, False, False]
+    assert kept(top_p_filter(logits, 0.6)) == [True, True, False, False]
+    assert kept(top_p_filter(logits, 0.5)) == [True, False, False, False]
+    assert kept(top_p_filter(logits[:, [3, 2, 1, 0]], 0.9)) == [False, True, True, True]
+
+
+def test_classifier_free_guidance_combines_conditional_and_null_logits():
+    dalle = tiny_dalle(null_cond_prob=0.2).eval()
+    text = captions(dalle)
+    codes = dalle.generate_codes(text, cond_scale=3.0, temperature=0.0)
+    t = dalle.text_seq_len
+    with torch.no_grad():
+        cond = dalle(text)[:, t, -dalle.num_image_tokens:]
+        null = dalle(torch.zeros_like(text))[:, t, -dalle.num_image_tokens:]
+    assert torch.equal(codes[:, 0], (null + 3.0 * (cond - null)).argmax(-1))
+    assert not torch.equal(codes, dalle.generate_codes(text, temperature=0.0))
+
+
+def test_priming_keeps_the_first_codes():
+    dalle = tiny_dalle()
+    text = captions(dalle)
+    prime = torch.randint(0, dalle.num_image_tokens, (2, dalle.image_seq_len))
+    codes = dalle.generate_codes(text, img=prime, num_init_img_tokens=5, seed=0)
+    assert torch.equal(codes[:, :5], prime[:, :5])
+    images = torch.rand(2, 3, 16, 16)
+    codes = dalle.generate_codes(text, img=images, seed=0)
+    n = int(0.4375 * dalle.image_seq_len)
+    assert torch.equal(codes[:, :n], dalle.vae.get_codebook_indices(images)[:, :n])
+
+
+def test_clip_reranking_sorts_generations_by_clip_score():
+    dalle = tiny_dalle()
+    clip = CLIP(dim_text=16, dim_image=16, dim_latent=8, num_text_tokens=50, text_enc_depth=1, text_seq_len=6,
+                text_heads=2, text_dim_head=8, visual_enc_depth=1, visual_heads=2, visual_dim_head=8,
+                visual_image_size=16, visual_patch_size=4).eval()
+    text = captions(dalle, b=1).repeat(5, 1)  # five samples of one caption, the usual rerank
+    images, scores = dalle.generate_images(text, clip=clip, seed=0)
+    assert images.shape == (5, 3, 16, 16) and scores.shape == (5,)
+    assert torch.all(scores[:-1] >= scores[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(clip(text, images), scores)
+    unranked = dalle.generate_images(text, seed=0)
+    with torch.no_grad():
+        torch.testing.assert_close(clip(text, unranked).sort(descending=True).values, scores)
+
+
+def test_generation_leaves_training_mode_alone():
+    dalle = tiny_dalle().train()
+    dalle.generate_codes(captions(dalle), seed=0)
+    assert dalle.training and dalle.transformer.training
