@@ -165,7 +165,8 @@ def run_peer(task: str, spec: dict, **options) -> dict:
 # ---- printing ---------------------------------------------------------------------------------
 
 def table(headers, rows) -> None:
-    rows = [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    rows = [[(f"{c:.0f}" if abs(c) >= 100 else f"{c:.3g}") if isinstance(c, float) else str(c) for c in row]
+            for row in rows]
     widths = [max(len(str(h)), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     for line in (headers, ["-" * w for w in widths], *rows):
         print("  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(line, widths))))
