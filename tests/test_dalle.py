@@ -142,3 +142,29 @@ def test_bad_construction_is_a_clear_value_error():
     dalle = tiny_dalle(vae=LyingVAE(image_size=32, num_layers=2, num_tokens=32, codebook_dim=16, hidden_dim=8))
     with pytest.raises(ValueError, match="the VAE gave 64 codes per image, but DALLE was built for a 4x4 grid"):
         dalle(torch.ones(1, 6, dtype=torch.long), torch.rand(1, 3, 32, 32))
+
+
+def saved_activation_bytes(dalle, text, codes):
+    """Bytes autograd keeps for the backward pass of one training forward (parameters excluded)."""
+    params = {p.data_ptr() for p in dalle.parameters()}
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        if t.data_ptr() not in params:
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        dalle(text, codes, return_loss=True)
+    return total
+
+
+def test_reversible_activation_memory_is_flat_in_depth():
+    def saved(depth, reversible):
+        dalle = tiny_dalle(depth=depth, reversible=reversible, attn_types=("full", "conv_like")).train()
+        return saved_activation_bytes(dalle, *batch(dalle))
+
+    assert saved(8, True) == saved(2, True)
+    assert saved(8, False) > 3 * saved(2, False) - saved(2, True)  # plain layers keep activations
+    assert saved(8, True) < 0.2 * saved(8, False)
