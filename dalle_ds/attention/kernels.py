@@ -41,11 +41,10 @@ class GroupPlan:
         self.inverse = inverse.to(device)  # image index -> row in the flattened groups
 
 
-def _plan(pattern: AttentionPattern, device: torch.device) -> GroupPlan:
-    plans = pattern.__dict__.setdefault("_group_plans", {})
-    if device not in plans:
-        plans[device] = GroupPlan(pattern, device)
-    return plans[device]
+def _memo(pattern: AttentionPattern, key: tuple, build):
+    if key not in pattern.memo:
+        pattern.memo[key] = build()
+    return pattern.memo[key]
 
 
 def gathered_attention(pattern: AttentionPattern, q, k, v, dropout_p: float = 0.0):
@@ -63,7 +62,7 @@ def gathered_attention(pattern: AttentionPattern, q, k, v, dropout_p: float = 0.
     )
     if n <= t:
         return out_text
-    plan = _plan(pattern, q.device)
+    plan = _memo(pattern, ("plan", q.device), lambda: GroupPlan(pattern, q.device))
     b, h, _, d = q.shape
     (g, lq), ls = plan.group_shape
     n_img = pattern.layout.image_len
@@ -94,17 +93,13 @@ def flex_pattern_attention(pattern: AttentionPattern, q, k, v, compiled: bool = 
     """FlexAttention with the pattern's block mask (built once per length and device)."""
     global _compiled_flex
     n = q.shape[2]
-    masks = pattern.__dict__.setdefault("_block_masks", {})
-    key = (n, q.device)
-    if key not in masks:
-        masks[key] = _flex.create_block_mask(
-            lambda b, h, qi, ki: pattern.allowed(qi, ki), None, None, n, n, device=q.device
-        )
+    block_mask = _memo(pattern, ("block_mask", n, q.device), lambda: _flex.create_block_mask(
+        lambda b, h, qi, ki: pattern.allowed(qi, ki), None, None, n, n, device=q.device))
     if not compiled:
-        return _flex.flex_attention(q, k, v, block_mask=masks[key])
+        return _flex.flex_attention(q, k, v, block_mask=block_mask)
     if _compiled_flex is None:
         _compiled_flex = torch.compile(_flex.flex_attention, dynamic=False)
-    return _compiled_flex(q, k, v, block_mask=masks[key])
+    return _compiled_flex(q, k, v, block_mask=block_mask)
 
 
 def decode_attention(pattern: AttentionPattern, q, k, v, start: int):
@@ -112,10 +107,8 @@ def decode_attention(pattern: AttentionPattern, q, k, v, start: int):
     nq, nk = q.shape[2], k.shape[2]
     if nq == 1 and not pattern.sparse:
         return F.scaled_dot_product_attention(q, k, v)
-    masks = pattern.__dict__.setdefault("_dense_masks", {})
-    if q.device not in masks:
-        masks[q.device] = pattern.dense_mask(device=q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=masks[q.device][start : start + nq, :nk])
+    mask = _memo(pattern, ("dense_mask", q.device), lambda: pattern.dense_mask(device=q.device))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[start : start + nq, :nk])
 
 
 def attend(pattern: AttentionPattern, q, k, v, *, start: int = 0, dropout_p: float = 0.0):

@@ -49,6 +49,8 @@ class AttentionPattern:
 
     def __init__(self, layout: SequenceLayout):
         self.layout = layout
+        # Tensors the kernels derive from this pattern (per device and length), built once.
+        self.memo: dict = {}
 
     def image_rule(self, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
         """May image query ``qi`` see image key ``ki`` (both image indices, ki <= qi)?"""
