@@ -30,7 +30,7 @@ def ours_attention_only(name: str):
 
 def main():
     common.set_threads()
-    common.header("attention types: whole model fwd+bwd and attention-only fwd+bwd")
+    start = common.header("attention types: whole model fwd+bwd and attention-only fwd+bwd")
     print(f"spec {SPEC}; n = {common.seq_len(SPEC)} positions; attention-only q,k,v = "
           f"({SPEC['batch']}, {ATTN_ONLY['heads']}, {common.seq_len(SPEC)}, {ATTN_ONLY['dim_head']})\n{common.PEER_NOTE}")
     peer_model = common.run_peer("fwd_bwd", SPEC, **TIMING)["median"]
@@ -53,6 +53,7 @@ def main():
     for name in ATTN_TYPES[1:]:
         print(common.verdict(f"attention-only: our {name} / our full", attn[name] / attn["full"], 0.35, False)
               + f"  (whole model {model[name] / model['full']:.2f}x)")
+    common.footer(start)
 
 
 if __name__ == "__main__":

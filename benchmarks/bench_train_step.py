@@ -16,7 +16,7 @@ TIMING = dict(warmup=2, repeats=5)
 
 def main():
     common.set_threads()
-    common.header("training step: fwd + bwd + AdamW, codes as input")
+    start = common.header("training step: fwd + bwd + AdamW, codes as input")
     tokens = SPEC["batch"] * common.seq_len(SPEC)
     print(f"spec {SPEC}; {tokens} tokens per step ({common.seq_len(SPEC)} per sample)\n{common.PEER_NOTE}")
 
@@ -39,6 +39,7 @@ def main():
           f"fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s")
     print(common.verdict("ours fp32 vs peer fp32", peer / ours["fp32"], 1.4))
     print(common.verdict("ours bf16 vs peer fp32", peer / ours["bf16"], 2.5))
+    common.footer(start)
 
 
 if __name__ == "__main__":

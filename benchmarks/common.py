@@ -34,10 +34,29 @@ def set_threads() -> None:
     torch.manual_seed(0)
 
 
-def header(title: str) -> None:
+def _cpu_seconds():
+    """(busy CPU seconds of the whole machine, CPU seconds of this process and its waited-for
+    children such as the peer worker), to tell how much other processes ran meanwhile."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    t = os.times()
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"), t.user + t.system + t.children_user + t.children_system
+
+
+def header(title: str) -> dict:
+    """Prints the title; returns the start snapshot for ``footer``."""
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"== {title}\ntorch {torch.__version__}, {THREADS} threads, load average {load} "
-          f"(other processes on the 2 cores skew the figures)")
+    print(f"== {title}\ntorch {torch.__version__}, {THREADS} threads, load average at start {load}")
+    return {"wall": time.perf_counter(), "cpu": _cpu_seconds()}
+
+
+def footer(start: dict) -> None:
+    """How busy other processes kept the machine during the run: they skew the figures."""
+    wall = time.perf_counter() - start["wall"]
+    (machine0, own0), (machine1, own1) = start["cpu"], _cpu_seconds()
+    foreign = max(0.0, (machine1 - machine0) - (own1 - own0)) / (wall * (os.cpu_count() or 1))
+    print(f"wall {wall:.0f} s; other processes used {100 * foreign:.0f}% of the machine's CPUs meanwhile"
+          + ("  (WARNING: figures skewed by contention, rerun on a quiet machine)" if foreign > 0.05 else ""))
 
 
 # ---- timing -------------------------------------------------------------------------------
@@ -61,6 +80,17 @@ def matmul_peak(dtype: torch.dtype, sizes=(2048, 4096)) -> float:
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
         best = max(best, 2 * n**3 / timeit(lambda: a @ b, warmup=1, repeats=3)["min"])
     return best
+
+
+def peak_rss_growth(fn) -> int:
+    """Bytes by which the process's peak RSS rises above its current RSS while ``fn`` runs.
+    Meant for a fresh process per measurement (ru_maxrss is a lifetime peak): run ``fn`` first."""
+    import resource
+
+    with open("/proc/self/statm") as f:
+        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    fn()
+    return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
 
 
 # ---- the shared workload ------------------------------------------------------------------

@@ -50,6 +50,11 @@ def main(request: dict) -> dict:
     if task == "generate":
         model = build_peer(spec).eval()
         model.vae.decode = lambda codes: codes  # time the token loop only, not the VAE decoder
+        if request.get("engage_cache"):
+            # 1.6.6's forward_with_cond_scale drops its `cache` argument when cond_scale == 1, so
+            # generate_images(use_cache=True) recomputes the whole prefix at every step. This
+            # passes the cache through, as its cond_scale != 1 branch does.
+            model.forward_with_cond_scale = lambda *a, cond_scale=1, cache=None, **kw: model(*a, cache=cache, **kw)
         text, _ = common.make_batch(spec)
         return common.timeit(lambda: model.generate_images(text, filter_thres=request["filter_thres"], use_cache=True),
                              **timing)
