@@ -19,26 +19,31 @@ from torch.nn.attention import flex_attention as _flex
 from .patterns import AttentionPattern
 
 
-class GroupPlan:
-    """Index tensors and masks for ``gathered_attention``, built once per pattern and device."""
+class _Bucket:
+    """One bucket of equally shaped groups: gather indices and the additive mask."""
 
-    def __init__(self, pattern: AttentionPattern, device: torch.device):
+    def __init__(self, pattern: AttentionPattern, q_idx: torch.Tensor, k_idx: torch.Tensor, device):
         layout = pattern.layout
         t, n_img = layout.text_len, layout.image_len
-        q_idx, k_idx = pattern.groups()
         q_pos = torch.where(q_idx >= 0, q_idx + t, layout.total_len)  # padding: after everything
-        k_pos = k_idx + t
-        image_mask = pattern.allowed(q_pos[:, :, None], k_pos[:, None, :]) & (k_idx >= 0)[:, None, :]
-        text_mask = torch.ones(*q_idx.shape, t, dtype=torch.bool)
-        # Padding rows (-1) gather the zero row appended at index n_img.
+        allowed = pattern.allowed(q_pos[:, :, None], (k_idx + t)[:, None, :]) & (k_idx >= 0)[:, None, :]
+        self.shape = (*q_idx.shape, k_idx.shape[1])  # (g, q, s)
+        self.bias = torch.zeros(self.shape).masked_fill(~allowed, float("-inf")).to(device)
+        # Padding (-1) gathers the zero row appended at index n_img.
         self.q_index = torch.where(q_idx >= 0, q_idx, n_img).flatten().to(device)
         self.k_index = torch.where(k_idx >= 0, k_idx, n_img).flatten().to(device)
-        self.group_shape = tuple(q_idx.shape), k_idx.shape[1]
-        self.mask = torch.cat([text_mask, image_mask], dim=-1).to(device)  # (g, q, t + s)
-        flat = q_idx.flatten()
-        inverse = torch.empty(n_img, dtype=torch.long)
+
+
+class GroupPlan:
+    """The buckets of a pattern's groups, and where each image query's output lands."""
+
+    def __init__(self, pattern: AttentionPattern, device: torch.device):
+        groups = pattern.groups()
+        self.buckets = [_Bucket(pattern, q_idx, k_idx, device) for q_idx, k_idx in groups]
+        flat = torch.cat([q_idx.flatten() for q_idx, _ in groups])
+        inverse = torch.empty(pattern.layout.image_len, dtype=torch.long)
         inverse[flat[flat >= 0]] = torch.nonzero(flat >= 0).squeeze(1)
-        self.inverse = inverse.to(device)  # image index -> row in the flattened groups
+        self.inverse = inverse.to(device)  # image index -> row of the concatenated bucket outputs
 
 
 def _memo(pattern: AttentionPattern, key: tuple, build):
@@ -50,12 +55,12 @@ def _memo(pattern: AttentionPattern, key: tuple, build):
 def gathered_attention(pattern: AttentionPattern, q, k, v, dropout_p: float = 0.0):
     """Exact attention for a sparse pattern over a prefix of the sequence (n <= total_len).
 
-    Text queries: causal SDPA over text. Image queries: gathered into groups, each group a
-    small dense SDPA over [all text keys | the group's image keys] with the pattern's mask.
-    q, k, v: (b, h, n, d) -> (b, h, n, d).
+    Text queries: causal SDPA over text. Image queries: gathered into groups; each group scores
+    its queries against all text keys (one shared matmul, the text keys are never copied per
+    group) and against the group's image keys, under one softmax. q, k, v: (b, h, n, d).
     """
     t = pattern.layout.text_len
-    n = q.shape[2]
+    b, h, n, d = q.shape
     n_text = min(n, t)
     out_text = F.scaled_dot_product_attention(
         q[:, :, :n_text], k[:, :, :n_text], v[:, :, :n_text], is_causal=True, dropout_p=dropout_p
@@ -63,20 +68,27 @@ def gathered_attention(pattern: AttentionPattern, q, k, v, dropout_p: float = 0.
     if n <= t:
         return out_text
     plan = _memo(pattern, ("plan", q.device), lambda: GroupPlan(pattern, q.device))
-    b, h, _, d = q.shape
-    (g, lq), ls = plan.group_shape
-    n_img = pattern.layout.image_len
+    n_img, bh = pattern.layout.image_len, b * h
 
-    def image_rows(x):  # (b, h, n_img + 1, d): missing tail tokens and the padding row are zeros
-        return F.pad(x[:, :, t:], (0, 0, 0, n_img + 1 - (n - t)))
+    def image_rows(x):  # (bh, n_img + 1, d): missing tail tokens and the padding row are zeros
+        return F.pad(x[:, :, t:], (0, 0, 0, n_img + 1 - (n - t))).reshape(bh, n_img + 1, d)
 
-    qg = image_rows(q)[:, :, plan.q_index].reshape(b * h, g, lq, d)
-    kt = k[:, :, :t].reshape(b * h, 1, t, d).expand(b * h, g, t, d)
-    vt = v[:, :, :t].reshape(b * h, 1, t, d).expand(b * h, g, t, d)
-    kg = torch.cat([kt, image_rows(k)[:, :, plan.k_index].reshape(b * h, g, ls, d)], dim=2)
-    vg = torch.cat([vt, image_rows(v)[:, :, plan.k_index].reshape(b * h, g, ls, d)], dim=2)
-    og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=plan.mask, dropout_p=dropout_p)
-    out_img = og.reshape(b, h, g * lq, d)[:, :, plan.inverse[: n - t]]
+    qi, ki, vi = image_rows(q * d**-0.5), image_rows(k), image_rows(v)
+    kt, vt = k[:, :, :t].reshape(bh, t, d), v[:, :, :t].reshape(bh, t, d)
+    outs = []
+    for bucket in plan.buckets:
+        g, lq, ls = bucket.shape
+        qg = qi.index_select(1, bucket.q_index)  # (bh, g*q, d)
+        kg = ki.index_select(1, bucket.k_index).view(bh, g, ls, d)
+        vg = vi.index_select(1, bucket.k_index).view(bh, g, ls, d)
+        scores_text = (qg @ kt.transpose(1, 2)).view(bh, g, lq, t)
+        scores_image = qg.view(bh, g, lq, d) @ kg.transpose(2, 3) + bucket.bias
+        p = torch.cat([scores_text, scores_image], dim=-1).softmax(dim=-1)
+        if dropout_p:
+            p = F.dropout(p, dropout_p)
+        out = p[..., :t].reshape(bh, g * lq, t) @ vt + (p[..., t:] @ vg).view(bh, g * lq, d)
+        outs.append(out.to(q.dtype))
+    out_img = torch.cat(outs, dim=1).index_select(1, plan.inverse[: n - t]).view(b, h, n - t, d)
     return torch.cat([out_text, out_img], dim=2)
 
 

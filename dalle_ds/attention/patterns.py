@@ -8,10 +8,11 @@ the text plus the image keys their pattern allows. Each pattern states its rule 
 ``image_rule``; the dense reference mask, the FlexAttention mask and the key groups of the CPU
 kernel are all derived from it, so the three paths cannot drift apart.
 
-The CPU kernel (``attention.gathered``) needs each pattern to cover its allowed keys with
-*groups*: a group is a set of image queries and a set of image keys such that every key a query
-may see lies in its group's key set. ``groups()`` returns them as index tensors padded with -1.
-The work done is sum(|queries| x (text_len + |keys|)) over groups: it follows the density.
+The CPU kernel (``kernels.gathered_attention``) needs each pattern to cover its allowed keys
+with *groups*: a group is a set of image queries and a set of image keys such that every key a
+query may see lies in its group's key set. ``groups()`` returns them in buckets of equal shape,
+as index tensors padded with -1. The work done is sum(|queries| x (text_len + |keys|)) over
+groups: it follows the density.
 """
 
 from __future__ import annotations
@@ -70,8 +71,9 @@ class AttentionPattern:
         pos = torch.arange(n, device=device)
         return self.allowed(pos[:, None], pos[None, :])
 
-    def groups(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(query_index (G, Lq), key_index (G, Lk)) image indices, -1 = padding."""
+    def groups(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Buckets of (query_index (G, Lq), key_index (G, Lk)) image indices, -1 = padding.
+        Every image query appears exactly once over all buckets."""
         raise NotImplementedError(f"{self.name} attention has no key groups")
 
     def __repr__(self) -> str:
@@ -94,7 +96,7 @@ class AxialRowPattern(AttentionPattern):
 
     def groups(self):
         idx = torch.arange(self.layout.image_len).view(self.layout.grid_h, self.layout.grid_w)
-        return idx, idx
+        return [(idx, idx)]
 
 
 class AxialColPattern(AttentionPattern):
@@ -109,7 +111,7 @@ class AxialColPattern(AttentionPattern):
 
     def groups(self):
         idx = torch.arange(self.layout.image_len).view(self.layout.grid_h, self.layout.grid_w).t()
-        return idx, idx
+        return [(idx, idx)]
 
 
 class ConvLikePattern(AttentionPattern):
@@ -141,7 +143,7 @@ class ConvLikePattern(AttentionPattern):
                 k_c = torch.arange(c0 - r, c0 + tw + r)[None, :]
                 inside = (k_r >= 0) & (k_c >= 0) & (k_c < w)
                 k_rows.append(torch.where(inside, k_r * w + k_c, -1).flatten())
-        return torch.stack(q_rows), torch.stack(k_rows)
+        return [(torch.stack(q_rows), torch.stack(k_rows))]
 
 
 class BlockSparsePattern(AttentionPattern):
@@ -166,20 +168,19 @@ class BlockSparsePattern(AttentionPattern):
         return (bq - bk < self.local_blocks) | (bk % self.stride == self.stride - 1)
 
     def groups(self):
+        # Query blocks that see the same number of key blocks share a bucket: no padding waste.
         n, bs = self.layout.image_len, self.block_size
-        num_blocks = math.ceil(n / bs)
-        key_blocks = [
-            [kb for kb in range(qb + 1) if qb - kb < self.local_blocks or kb % self.stride == self.stride - 1]
-            for qb in range(num_blocks)
-        ]
-        width = max(len(kbs) for kbs in key_blocks) * bs
         offsets = torch.arange(bs)
-        q_idx = torch.arange(num_blocks)[:, None] * bs + offsets
-        k_idx = torch.full((num_blocks, width), -1)
-        for qb, kbs in enumerate(key_blocks):
-            keys = (torch.tensor(kbs)[:, None] * bs + offsets).flatten()
-            k_idx[qb, : len(keys)] = keys
-        return _pad_out_of_range(q_idx, n), _pad_out_of_range(k_idx, n)
+        buckets: dict[int, list[tuple[int, list[int]]]] = {}
+        for qb in range(math.ceil(n / bs)):
+            kbs = [kb for kb in range(qb + 1) if qb - kb < self.local_blocks or kb % self.stride == self.stride - 1]
+            buckets.setdefault(len(kbs), []).append((qb, kbs))
+        groups = []
+        for members in buckets.values():
+            q_idx = torch.stack([qb * bs + offsets for qb, _ in members])
+            k_idx = torch.stack([(torch.tensor(kbs)[:, None] * bs + offsets).flatten() for _, kbs in members])
+            groups.append((_pad_out_of_range(q_idx, n), _pad_out_of_range(k_idx, n)))
+        return groups
 
 
 def _pad_out_of_range(idx: torch.Tensor, n: int) -> torch.Tensor:
