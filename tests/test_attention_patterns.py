@@ -78,8 +78,9 @@ def test_gathered_path_work_follows_density():
     layout = SequenceLayout(65, 32, 32)
     dense_pairs = layout.total_len**2
     for attn_type in ("axial_row", "axial_col", "conv_like", "sparse"):
-        groups = build_pattern(attn_type, layout).groups()
-        scored = layout.text_len**2 + sum(q.numel() * (layout.text_len + k.shape[1]) for q, k in groups)
+        pattern = build_pattern(attn_type, layout)
+        groups, shared = pattern.groups(), pattern.shared_image_keys().numel()
+        scored = layout.text_len**2 + sum(q.numel() * (layout.text_len + shared + k.shape[1]) for q, k in groups)
         assert scored < 0.25 * dense_pairs, (attn_type, scored / dense_pairs)
         queries = torch.cat([q.flatten() for q, _ in groups])
         assert torch.equal(queries[queries >= 0].sort().values, torch.arange(layout.image_len))

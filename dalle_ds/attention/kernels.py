@@ -20,30 +20,51 @@ from .patterns import AttentionPattern
 
 
 class _Bucket:
-    """One bucket of equally shaped groups: gather indices and the additive mask."""
+    """One bucket of equally shaped groups and its additive mask."""
 
     def __init__(self, pattern: AttentionPattern, q_idx: torch.Tensor, k_idx: torch.Tensor, device):
         layout = pattern.layout
-        t, n_img = layout.text_len, layout.image_len
+        t = layout.text_len
         q_pos = torch.where(q_idx >= 0, q_idx + t, layout.total_len)  # padding: after everything
         allowed = pattern.allowed(q_pos[:, :, None], (k_idx + t)[:, None, :]) & (k_idx >= 0)[:, None, :]
         self.shape = (*q_idx.shape, k_idx.shape[1])  # (g, q, s)
         self.bias = torch.zeros(self.shape).masked_fill(~allowed, float("-inf")).to(device)
-        # Padding (-1) gathers the zero row appended at index n_img.
-        self.q_index = torch.where(q_idx >= 0, q_idx, n_img).flatten().to(device)
-        self.k_index = torch.where(k_idx >= 0, k_idx, n_img).flatten().to(device)
 
 
 class GroupPlan:
-    """The buckets of a pattern's groups, and where each image query's output lands."""
+    """All buckets of a pattern's groups, gathered with one index per tensor, and the mask of
+    the keys every image query is scored against (text, then the pattern's shared image keys)."""
 
     def __init__(self, pattern: AttentionPattern, device: torch.device):
         groups = pattern.groups()
+        t, n_img = pattern.layout.text_len, pattern.layout.image_len
         self.buckets = [_Bucket(pattern, q_idx, k_idx, device) for q_idx, k_idx in groups]
-        flat = torch.cat([q_idx.flatten() for q_idx, _ in groups])
-        inverse = torch.empty(pattern.layout.image_len, dtype=torch.long)
-        inverse[flat[flat >= 0]] = torch.nonzero(flat >= 0).squeeze(1)
-        self.inverse = inverse.to(device)  # image index -> row of the concatenated bucket outputs
+        # Row counts of each bucket in the gathered queries and keys (split, whose backward is
+        # one concatenation, rather than slices, whose backward is a zero-filled full copy each).
+        self.q_sizes = [q_idx.numel() for q_idx, _ in groups]
+        self.k_sizes = [k_idx.numel() for _, k_idx in groups]
+        q_flat = torch.cat([q_idx.flatten() for q_idx, _ in groups])
+        k_flat = torch.cat([k_idx.flatten() for _, k_idx in groups])
+        # Padding (-1) gathers the zero row appended at index n_img.
+        self.q_index = torch.where(q_flat >= 0, q_flat, n_img).to(device)
+        self.k_index = torch.where(k_flat >= 0, k_flat, n_img).to(device)
+        inverse = torch.empty(n_img, dtype=torch.long)
+        inverse[q_flat[q_flat >= 0]] = torch.nonzero(q_flat >= 0).squeeze(1)
+        self.inverse = inverse.to(device)  # image index -> row of the gathered queries
+
+        shared = pattern.shared_image_keys()
+        self.shared_index = shared.to(device)
+        self.shared_bias = None  # text keys are always allowed: no mask unless image keys are shared
+        if shared.numel():
+            q_pos = torch.where(q_flat >= 0, q_flat + t, pattern.layout.total_len)
+            allowed = pattern.allowed(q_pos[:, None], shared[None, :] + t)
+            # a shared key that a query's own group also holds is scored there, never twice
+            in_group = torch.cat([
+                (k_idx[:, :, None] == shared).any(1)[:, None, :].expand(-1, q_idx.shape[1], -1).flatten(0, 1)
+                for q_idx, k_idx in groups])
+            bias = torch.zeros(len(q_flat), t + shared.numel())
+            bias[:, t:].masked_fill_(~(allowed & ~in_group), float("-inf"))
+            self.shared_bias = bias.to(device)
 
 
 def _memo(pattern: AttentionPattern, key: tuple, build):
@@ -56,8 +77,9 @@ def gathered_attention(pattern: AttentionPattern, q, k, v, dropout_p: float = 0.
     """Exact attention for a sparse pattern over a prefix of the sequence (n <= total_len).
 
     Text queries: causal SDPA over text. Image queries: gathered into groups; each group scores
-    its queries against all text keys (one shared matmul, the text keys are never copied per
-    group) and against the group's image keys, under one softmax. q, k, v: (b, h, n, d).
+    its queries against the text and shared image keys (one matmul for all groups: those keys
+    are never copied per group) and against the group's own image keys, under one softmax.
+    q, k, v: (b, h, n, d).
     """
     t = pattern.layout.text_len
     b, h, n, d = q.shape
@@ -73,20 +95,27 @@ def gathered_attention(pattern: AttentionPattern, q, k, v, dropout_p: float = 0.
     def image_rows(x):  # (bh, n_img + 1, d): missing tail tokens and the padding row are zeros
         return F.pad(x[:, :, t:], (0, 0, 0, n_img + 1 - (n - t))).reshape(bh, n_img + 1, d)
 
-    qi, ki, vi = image_rows(q * d**-0.5), image_rows(k), image_rows(v)
-    kt, vt = k[:, :, :t].reshape(bh, t, d), v[:, :, :t].reshape(bh, t, d)
+    ki, vi = image_rows(k), image_rows(v)
+    qg = image_rows(q * d**-0.5).index_select(1, plan.q_index)  # (bh, all group queries, d)
+    kg, vg = ki.index_select(1, plan.k_index), vi.index_select(1, plan.k_index)
+    # keys scored against every image query: the text, then the pattern's shared image keys
+    k_all = torch.cat([k[:, :, :t].reshape(bh, t, d), ki.index_select(1, plan.shared_index)], dim=1)
+    v_all = torch.cat([v[:, :, :t].reshape(bh, t, d), vi.index_select(1, plan.shared_index)], dim=1)
+    scores_all = qg @ k_all.transpose(1, 2)  # (bh, all group queries, t + shared): one matmul
+    if plan.shared_bias is not None:
+        scores_all = scores_all + plan.shared_bias
+    s_all = k_all.shape[1]
     outs = []
-    for bucket in plan.buckets:
+    per_bucket = zip(plan.buckets, qg.split(plan.q_sizes, 1), scores_all.split(plan.q_sizes, 1),
+                     kg.split(plan.k_sizes, 1), vg.split(plan.k_sizes, 1))
+    for bucket, q_b, scores_all_b, k_b, v_b in per_bucket:
         g, lq, ls = bucket.shape
-        qg = qi.index_select(1, bucket.q_index)  # (bh, g*q, d)
-        kg = ki.index_select(1, bucket.k_index).view(bh, g, ls, d)
-        vg = vi.index_select(1, bucket.k_index).view(bh, g, ls, d)
-        scores_text = (qg @ kt.transpose(1, 2)).view(bh, g, lq, t)
-        scores_image = qg.view(bh, g, lq, d) @ kg.transpose(2, 3) + bucket.bias
-        p = torch.cat([scores_text, scores_image], dim=-1).softmax(dim=-1)
+        q_b, k_b, v_b = q_b.view(bh, g, lq, d), k_b.view(bh, g, ls, d), v_b.view(bh, g, ls, d)
+        scores_image = q_b @ k_b.transpose(2, 3) + bucket.bias
+        p = torch.cat([scores_all_b.view(bh, g, lq, s_all), scores_image], dim=-1).softmax(dim=-1)
         if dropout_p:
             p = F.dropout(p, dropout_p)
-        out = p[..., :t].reshape(bh, g * lq, t) @ vt + (p[..., t:] @ vg).view(bh, g * lq, d)
+        out = p[..., :s_all].reshape(bh, g * lq, s_all) @ v_all + (p[..., s_all:] @ v_b).view(bh, g * lq, d)
         outs.append(out.to(q.dtype))
     out_img = torch.cat(outs, dim=1).index_select(1, plan.inverse[: n - t]).view(b, h, n - t, d)
     return torch.cat([out_text, out_img], dim=2)

@@ -9,10 +9,12 @@ the text plus the image keys their pattern allows. Each pattern states its rule 
 kernel are all derived from it, so the three paths cannot drift apart.
 
 The CPU kernel (``kernels.gathered_attention``) needs each pattern to cover its allowed keys
-with *groups*: a group is a set of image queries and a set of image keys such that every key a
-query may see lies in its group's key set. ``groups()`` returns them in buckets of equal shape,
-as index tensors padded with -1. The work done is sum(|queries| x (text_len + |keys|)) over
-groups: it follows the density.
+with *groups*: a group is a set of image queries and a set of image keys. ``groups()`` returns
+them in buckets of equal shape, as index tensors padded with -1. Image keys that many queries
+may see (the block-sparse pattern's summary blocks) are instead listed once by
+``shared_image_keys()`` and scored against all image queries together, like the text. Every key
+a query may see must lie in the text, its group's keys or the shared keys. The work done is
+sum(|queries| x (text_len + |shared| + |group keys|)) over groups: it follows the density.
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ class AttentionPattern:
         n = self.layout.total_len if n is None else n
         pos = torch.arange(n, device=device)
         return self.allowed(pos[:, None], pos[None, :])
+
+    def shared_image_keys(self) -> torch.Tensor:
+        """Image indices scored against every image query (masked by the rule), not grouped."""
+        return torch.zeros(0, dtype=torch.long)
 
     def groups(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Buckets of (query_index (G, Lq), key_index (G, Lk)) image indices, -1 = padding.
@@ -167,24 +173,33 @@ class BlockSparsePattern(AttentionPattern):
         bq, bk = qi // self.block_size, ki // self.block_size
         return (bq - bk < self.local_blocks) | (bk % self.stride == self.stride - 1)
 
+    def shared_image_keys(self):
+        n, bs = self.layout.image_len, self.block_size
+        summaries = torch.arange(self.stride - 1, math.ceil(n / bs), self.stride)
+        return _drop_out_of_range((summaries[:, None] * bs + torch.arange(bs)).flatten(), n)
+
     def groups(self):
-        # Query blocks that see the same number of key blocks share a bucket: no padding waste.
+        # Groups hold the local window only; query blocks near the start see fewer blocks and
+        # get buckets of their own, so no group is padded.
         n, bs = self.layout.image_len, self.block_size
         offsets = torch.arange(bs)
-        buckets: dict[int, list[tuple[int, list[int]]]] = {}
+        buckets: dict[int, list[int]] = {}
         for qb in range(math.ceil(n / bs)):
-            kbs = [kb for kb in range(qb + 1) if qb - kb < self.local_blocks or kb % self.stride == self.stride - 1]
-            buckets.setdefault(len(kbs), []).append((qb, kbs))
+            buckets.setdefault(min(qb + 1, self.local_blocks), []).append(qb)
         groups = []
-        for members in buckets.values():
-            q_idx = torch.stack([qb * bs + offsets for qb, _ in members])
-            k_idx = torch.stack([(torch.tensor(kbs)[:, None] * bs + offsets).flatten() for _, kbs in members])
+        for width, q_blocks in buckets.items():
+            q_idx = torch.stack([qb * bs + offsets for qb in q_blocks])
+            k_idx = torch.stack([torch.arange((qb + 1 - width) * bs, (qb + 1) * bs) for qb in q_blocks])
             groups.append((_pad_out_of_range(q_idx, n), _pad_out_of_range(k_idx, n)))
         return groups
 
 
 def _pad_out_of_range(idx: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where(idx < n, idx, -1)
+
+
+def _drop_out_of_range(idx: torch.Tensor, n: int) -> torch.Tensor:
+    return idx[idx < n]
 
 
 def build_pattern(attn_type: str, layout: SequenceLayout, **options) -> AttentionPattern:
