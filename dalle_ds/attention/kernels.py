@@ -45,9 +45,7 @@ class GroupPlan:
         self.k_sizes = [k_idx.numel() for _, k_idx in groups]
         q_flat = torch.cat([q_idx.flatten() for q_idx, _ in groups])
         k_flat = torch.cat([k_idx.flatten() for _, k_idx in groups])
-        # Padding (-1) gathers the zero row appended at index n_img.
-        self.q_index = torch.where(q_flat >= 0, q_flat, n_img).to(device)
-        self.k_index = torch.where(k_flat >= 0, k_flat, n_img).to(device)
+        self.q_index, self.k_index = q_flat.clamp(min=0).to(device), k_flat.clamp(min=0).to(device)
         inverse = torch.empty(n_img, dtype=torch.long)
         inverse[q_flat[q_flat >= 0]] = torch.nonzero(q_flat >= 0).squeeze(1)
         self.inverse = inverse.to(device)  # image index -> row of the gathered queries
@@ -73,6 +71,11 @@ def _memo(pattern: AttentionPattern, key: tuple, build):
     return pattern.memo[key]
 
 
+def _split(x: torch.Tensor, sizes: list[int]):
+    """Rows of each bucket along dim 1 (no copy, and no backward copy, for a single bucket)."""
+    return (x,) if len(sizes) == 1 else x.split(sizes, dim=1)
+
+
 def gathered_attention(pattern: AttentionPattern, q, k, v, dropout_p: float = 0.0):
     """Exact attention for a sparse pattern over a prefix of the sequence (n <= total_len).
 
@@ -90,24 +93,26 @@ def gathered_attention(pattern: AttentionPattern, q, k, v, dropout_p: float = 0.
     if n <= t:
         return out_text
     plan = _memo(pattern, ("plan", q.device), lambda: GroupPlan(pattern, q.device))
-    n_img, bh = pattern.layout.image_len, b * h
+    bh, last = b * h, n - t - 1  # last: the newest image index present
 
-    def image_rows(x):  # (bh, n_img + 1, d): missing tail tokens and the padding row are zeros
-        return F.pad(x[:, :, t:], (0, 0, 0, n_img + 1 - (n - t))).reshape(bh, n_img + 1, d)
+    def gather(x, index):  # image rows of x at ``index`` -> (bh, len(index), d), straight from x's strides
+        return x[:, :, t:].index_select(2, index).view(bh, -1, d)
 
-    ki, vi = image_rows(k), image_rows(v)
-    qg = image_rows(q * d**-0.5).index_select(1, plan.q_index)  # (bh, all group queries, d)
-    kg, vg = ki.index_select(1, plan.k_index), vi.index_select(1, plan.k_index)
+    # Indices past the newest present token (and -1 padding, mapped to 0) are masked out by the
+    # plan's biases or belong to queries whose outputs are dropped, so any valid row will do.
+    q_index, k_index, shared = (i.clamp(max=last) for i in (plan.q_index, plan.k_index, plan.shared_index))
+    qg = gather(q, q_index) * d**-0.5  # (bh, all group queries, d)
+    kg, vg = gather(k, k_index), gather(v, k_index)
     # keys scored against every image query: the text, then the pattern's shared image keys
-    k_all = torch.cat([k[:, :, :t].reshape(bh, t, d), ki.index_select(1, plan.shared_index)], dim=1)
-    v_all = torch.cat([v[:, :, :t].reshape(bh, t, d), vi.index_select(1, plan.shared_index)], dim=1)
+    k_all = torch.cat([k[:, :, :t].reshape(bh, t, d), gather(k, shared)], dim=1)
+    v_all = torch.cat([v[:, :, :t].reshape(bh, t, d), gather(v, shared)], dim=1)
     scores_all = qg @ k_all.transpose(1, 2)  # (bh, all group queries, t + shared): one matmul
     if plan.shared_bias is not None:
         scores_all = scores_all + plan.shared_bias
     s_all = k_all.shape[1]
     outs = []
-    per_bucket = zip(plan.buckets, qg.split(plan.q_sizes, 1), scores_all.split(plan.q_sizes, 1),
-                     kg.split(plan.k_sizes, 1), vg.split(plan.k_sizes, 1))
+    per_bucket = zip(plan.buckets, _split(qg, plan.q_sizes), _split(scores_all, plan.q_sizes),
+                     _split(kg, plan.k_sizes), _split(vg, plan.k_sizes))
     for bucket, q_b, scores_all_b, k_b, v_b in per_bucket:
         g, lq, ls = bucket.shape
         q_b, k_b, v_b = q_b.view(bh, g, lq, d), k_b.view(bh, g, ls, d), v_b.view(bh, g, ls, d)
@@ -117,7 +122,8 @@ def gathered_attention(pattern: AttentionPattern, q, k, v, dropout_p: float = 0.
             p = F.dropout(p, dropout_p)
         out = p[..., :s_all].reshape(bh, g * lq, s_all) @ v_all + (p[..., s_all:] @ v_b).view(bh, g * lq, d)
         outs.append(out.to(q.dtype))
-    out_img = torch.cat(outs, dim=1).index_select(1, plan.inverse[: n - t]).view(b, h, n - t, d)
+    out_img = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)).index_select(1, plan.inverse[: n - t])
+    out_img = out_img.view(b, h, n - t, d)
     return torch.cat([out_text, out_img], dim=2)
 
 
