@@ -27,3 +27,13 @@ def tiny_dalle(vae=None, **overrides):
                sparse_block_size=4, sparse_local_blocks=2, sparse_stride=2, conv_kernel_size=3)
     cfg.update(overrides)
     return DALLE(**cfg)
+
+
+def tiny_clip(**overrides):
+    from dalle_ds import CLIP
+
+    cfg = dict(dim_text=16, dim_image=16, dim_latent=8, num_text_tokens=50, text_enc_depth=1, text_seq_len=6,
+               text_heads=2, text_dim_head=8, visual_enc_depth=1, visual_heads=2, visual_dim_head=8,
+               visual_image_size=16, visual_patch_size=4)
+    cfg.update(overrides)
+    return CLIP(**cfg)

@@ -4,8 +4,7 @@ guidance, priming, seeds and CLIP reranking."""
 import pytest
 import torch
 
-from conftest import tiny_dalle
-from dalle_ds import CLIP
+from conftest import tiny_clip, tiny_dalle
 from dalle_ds.attention.patterns import ATTN_TYPES
 from dalle_ds.models.kv_cache import KVCache
 from dalle_ds.models.sampling import top_k_filter, top_p_filter
@@ -68,6 +67,17 @@ def test_filters():
     assert kept(top_p_filter(logits[:, [3, 2, 1, 0]], 0.9)) == [False, True, True, True]
 
 
+def test_temperature_applies_before_the_nucleus():
+    from dalle_ds.models.sampling import sample
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    # at temperature 0.25 the top token holds > 0.8 of the mass, so top_p=0.8 keeps it alone
+    assert sample(logits, temperature=0.25, filter_thres=None, top_p=0.8, generator=g).eq(0).all()
+    drawn = sample(logits, temperature=1.0, filter_thres=None, top_p=0.8, generator=g)
+    assert set(drawn.tolist()) == {0, 1}
+
+
 def test_classifier_free_guidance_combines_conditional_and_null_logits():
     dalle = tiny_dalle(null_cond_prob=0.2).eval()
     text = captions(dalle)
@@ -80,23 +90,45 @@ def test_classifier_free_guidance_combines_conditional_and_null_logits():
     assert not torch.equal(codes, dalle.generate_codes(text, temperature=0.0))
 
 
-def test_priming_keeps_the_first_codes():
-    dalle = tiny_dalle()
+def test_priming_conditions_generation_on_the_first_codes():
+    dalle = tiny_dalle().eval()
     text = captions(dalle)
     prime = torch.randint(0, dalle.num_image_tokens, (2, dalle.image_seq_len))
-    codes = dalle.generate_codes(text, img=prime, num_init_img_tokens=5, seed=0)
+    codes = dalle.generate_codes(text, img=prime, num_init_img_tokens=5, temperature=0.0)
     assert torch.equal(codes[:, :5], prime[:, :5])
+    with torch.no_grad():  # the first sampled code is the greedy choice given the primed codes
+        logits = dalle(text, prime[:, :5])[:, -1, -dalle.num_image_tokens:]
+    assert torch.equal(codes[:, 5], logits.argmax(-1))
     images = torch.rand(2, 3, 16, 16)
     codes = dalle.generate_codes(text, img=images, seed=0)
     n = int(0.4375 * dalle.image_seq_len)
     assert torch.equal(codes[:, :n], dalle.vae.get_codebook_indices(images)[:, :n])
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("attn_type", ["full", "sparse"])
+def test_guided_and_primed_cached_generation_equals_uncached(batch, attn_type):
+    dalle = tiny_dalle(attn_types=attn_type, null_cond_prob=0.1)
+    text = captions(dalle, b=batch)
+    prime = torch.randint(0, dalle.num_image_tokens, (batch, dalle.image_seq_len))
+    kwargs = dict(cond_scale=2.5, img=prime, num_init_img_tokens=3, seed=11)
+    assert torch.equal(dalle.generate_codes(text, use_cache=True, **kwargs),
+                       dalle.generate_codes(text, use_cache=False, **kwargs))
+
+
+def test_bad_priming_is_a_clear_value_error():
+    dalle = tiny_dalle()
+    text = captions(dalle)
+    prime = torch.randint(0, dalle.num_image_tokens, (3, dalle.image_seq_len))
+    with pytest.raises(ValueError, match="img has 3 images to prime 2 captions"):
+        dalle.generate_codes(text, img=prime)
+    with pytest.raises(ValueError, match="num_init_img_tokens must be in \\[0, 16\\]"):
+        dalle.generate_codes(text, img=prime[:2], num_init_img_tokens=-1)
+
+
 def test_clip_reranking_sorts_generations_by_clip_score():
     dalle = tiny_dalle()
-    clip = CLIP(dim_text=16, dim_image=16, dim_latent=8, num_text_tokens=50, text_enc_depth=1, text_seq_len=6,
-                text_heads=2, text_dim_head=8, visual_enc_depth=1, visual_heads=2, visual_dim_head=8,
-                visual_image_size=16, visual_patch_size=4).eval()
+    clip = tiny_clip().eval()
     text = captions(dalle, b=1).repeat(5, 1)  # five samples of one caption, the usual rerank
     images, scores = dalle.generate_images(text, clip=clip, seed=0)
     assert images.shape == (5, 3, 16, 16) and scores.shape == (5,)

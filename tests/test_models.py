@@ -5,16 +5,8 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_dalle, tiny_vae
-from dalle_ds import CLIP, DALLE, DiscreteVAE
-
-
-def tiny_clip(**overrides):
-    cfg = dict(dim_text=16, dim_image=16, dim_latent=8, num_text_tokens=50, text_enc_depth=1, text_seq_len=6,
-               text_heads=2, text_dim_head=8, visual_enc_depth=1, visual_heads=2, visual_dim_head=8,
-               visual_image_size=16, visual_patch_size=4)
-    cfg.update(overrides)
-    return CLIP(**cfg)
+from conftest import tiny_clip, tiny_dalle, tiny_vae
+from dalle_ds import DALLE, DiscreteVAE
 
 
 def test_vae_codes_decode_and_losses():
@@ -103,8 +95,10 @@ def test_save_pretrained_round_trip(tmp_path, build):
     model.save_pretrained(tmp_path / "m")
     loaded = type(model).from_pretrained(tmp_path / "m").eval()
     assert loaded.config_record() == model.config_record()
-    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
-        assert torch.equal(a, b), name
+    original, restored = model.state_dict(), loaded.state_dict()
+    assert list(original) == list(restored)
+    for name in original:
+        assert torch.equal(original[name], restored[name]), name
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
 
 

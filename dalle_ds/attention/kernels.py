@@ -1,11 +1,12 @@
 """Attention kernels for the patterns in ``patterns.py``, and the dispatch between them.
 
-einops legend: b batch, h heads, n sequence, d head dim, g key group, q queries of a group,
-s keys of a group (text keys first, then the group's image keys).
+einops legend: b batch, h heads, n sequence, d head dim; in ``gathered_attention`` g groups of
+a bucket, q queries per group, s image keys per group, a keys every image query is scored
+against (the text, then the pattern's shared image keys).
 
 Paths, chosen automatically by ``attend``:
 - full pattern: fused causal SDPA (flash kernel on CPU and CUDA);
-- sparse pattern on CUDA without dropout: FlexAttention with a block mask (compiled);
+- sparse pattern, CUDA, training length, no dropout: FlexAttention with a block mask (compiled);
 - sparse pattern otherwise: ``gathered_attention``, the CPU path, whose cost follows density;
 - incremental decoding (KV cache): SDPA over the cache with the pattern's mask rows.
 """
@@ -18,17 +19,24 @@ from torch.nn.attention import flex_attention as _flex
 
 from .patterns import AttentionPattern
 
+_FLEX_MIN_HEAD_DIM = 16  # FlexAttention's CUDA kernel rejects smaller heads
+
+
+def _bias(pattern: AttentionPattern, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
+    """Additive mask (0 or -inf) of image queries ``q_idx[..., None]`` against image keys
+    ``k_idx[..., None, :]``; -1 entries are padding (padded keys are never seen)."""
+    layout = pattern.layout
+    q_pos = torch.where(q_idx >= 0, q_idx + layout.text_len, layout.total_len)  # padding: after all
+    allowed = pattern.allowed(q_pos[..., None], (k_idx + layout.text_len)[..., None, :]) & (k_idx >= 0)[..., None, :]
+    return torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+
 
 class _Bucket:
-    """One bucket of equally shaped groups and its additive mask."""
+    """One bucket of equally shaped groups and its additive mask (g, q, s)."""
 
     def __init__(self, pattern: AttentionPattern, q_idx: torch.Tensor, k_idx: torch.Tensor, device):
-        layout = pattern.layout
-        t = layout.text_len
-        q_pos = torch.where(q_idx >= 0, q_idx + t, layout.total_len)  # padding: after everything
-        allowed = pattern.allowed(q_pos[:, :, None], (k_idx + t)[:, None, :]) & (k_idx >= 0)[:, None, :]
         self.shape = (*q_idx.shape, k_idx.shape[1])  # (g, q, s)
-        self.bias = torch.zeros(self.shape).masked_fill(~allowed, float("-inf")).to(device)
+        self.bias = _bias(pattern, q_idx, k_idx).to(device)
 
 
 class GroupPlan:
@@ -37,12 +45,10 @@ class GroupPlan:
 
     def __init__(self, pattern: AttentionPattern, device: torch.device):
         groups = pattern.groups()
-        t, n_img = pattern.layout.text_len, pattern.layout.image_len
+        n_img = pattern.layout.image_len
+        shared = pattern.shared_image_keys()
+        _check_coverage(pattern, groups, shared)
         self.buckets = [_Bucket(pattern, q_idx, k_idx, device) for q_idx, k_idx in groups]
-        # Row counts of each bucket in the gathered queries and keys (split, whose backward is
-        # one concatenation, rather than slices, whose backward is a zero-filled full copy each).
-        self.q_sizes = [q_idx.numel() for q_idx, _ in groups]
-        self.k_sizes = [k_idx.numel() for _, k_idx in groups]
         q_flat = torch.cat([q_idx.flatten() for q_idx, _ in groups])
         k_flat = torch.cat([k_idx.flatten() for _, k_idx in groups])
         self.q_index, self.k_index = q_flat.clamp(min=0).to(device), k_flat.clamp(min=0).to(device)
@@ -50,19 +56,30 @@ class GroupPlan:
         inverse[q_flat[q_flat >= 0]] = torch.nonzero(q_flat >= 0).squeeze(1)
         self.inverse = inverse.to(device)  # image index -> row of the gathered queries
 
-        shared = pattern.shared_image_keys()
         self.shared_index = shared.to(device)
         self.shared_bias = None  # text keys are always allowed: no mask unless image keys are shared
         if shared.numel():
-            q_pos = torch.where(q_flat >= 0, q_flat + t, pattern.layout.total_len)
-            allowed = pattern.allowed(q_pos[:, None], shared[None, :] + t)
             # a shared key that a query's own group also holds is scored there, never twice
-            in_group = torch.cat([
-                (k_idx[:, :, None] == shared).any(1)[:, None, :].expand(-1, q_idx.shape[1], -1).flatten(0, 1)
-                for q_idx, k_idx in groups])
-            bias = torch.zeros(len(q_flat), t + shared.numel())
-            bias[:, t:].masked_fill_(~(allowed & ~in_group), float("-inf"))
-            self.shared_bias = bias.to(device)
+            in_group = torch.cat([(k_idx[:, :, None] == shared).any(1).repeat_interleave(q_idx.shape[1], 0)
+                                  for q_idx, k_idx in groups])
+            image_bias = _bias(pattern, q_flat[:, None], shared[None, :]).squeeze(1).masked_fill(in_group, float("-inf"))
+            text_bias = torch.zeros(len(q_flat), pattern.layout.text_len)
+            self.shared_bias = torch.cat([text_bias, image_bias], dim=1).to(device)
+
+    def sizes(self, which: str) -> list[int]:
+        """Rows each bucket takes in the gathered queries (``"q"``) or keys (``"k"``)."""
+        return [g * (lq if which == "q" else ls) for g, lq, ls in (b.shape for b in self.buckets)]
+
+
+def _check_coverage(pattern: AttentionPattern, groups, shared: torch.Tensor) -> None:
+    """Internal invariant: every image key a query may see is in its group or shared."""
+    n_img, t = pattern.layout.image_len, pattern.layout.text_len
+    covered = torch.zeros(n_img + 1, n_img + 1, dtype=torch.bool)  # row/col n_img: padding
+    for q_idx, k_idx in groups:
+        covered[q_idx[:, :, None].expand(-1, -1, k_idx.shape[1]), k_idx[:, None, :].expand(-1, q_idx.shape[1], -1)] = True
+    covered[:, shared] = True
+    needed = pattern.dense_mask()[t:, t:]
+    assert not (needed & ~covered[:n_img, :n_img]).any(), f"{pattern.name} groups miss allowed keys"
 
 
 def _memo(pattern: AttentionPattern, key: tuple, build):
@@ -81,8 +98,8 @@ def gathered_attention(pattern: AttentionPattern, q, k, v, dropout_p: float = 0.
 
     Text queries: causal SDPA over text. Image queries: gathered into groups; each group scores
     its queries against the text and shared image keys (one matmul for all groups: those keys
-    are never copied per group) and against the group's own image keys, under one softmax.
-    q, k, v: (b, h, n, d).
+    are never copied per group) and against the group's own image keys, under one softmax
+    (in fp32, whatever the input dtype). q, k, v: (b, h, n, d).
     """
     t = pattern.layout.text_len
     b, h, n, d = q.shape
@@ -103,28 +120,27 @@ def gathered_attention(pattern: AttentionPattern, q, k, v, dropout_p: float = 0.
     q_index, k_index, shared = (i.clamp(max=last) for i in (plan.q_index, plan.k_index, plan.shared_index))
     qg = gather(q, q_index) * d**-0.5  # (bh, all group queries, d)
     kg, vg = gather(k, k_index), gather(v, k_index)
-    # keys scored against every image query: the text, then the pattern's shared image keys
-    k_all = torch.cat([k[:, :, :t].reshape(bh, t, d), gather(k, shared)], dim=1)
+    k_all = torch.cat([k[:, :, :t].reshape(bh, t, d), gather(k, shared)], dim=1)  # (bh, a, d)
     v_all = torch.cat([v[:, :, :t].reshape(bh, t, d), gather(v, shared)], dim=1)
-    scores_all = qg @ k_all.transpose(1, 2)  # (bh, all group queries, t + shared): one matmul
+    scores_all = qg @ k_all.transpose(1, 2)  # (bh, all group queries, a): one matmul for all groups
     if plan.shared_bias is not None:
         scores_all = scores_all + plan.shared_bias
-    s_all = k_all.shape[1]
+    a = k_all.shape[1]
     outs = []
-    per_bucket = zip(plan.buckets, _split(qg, plan.q_sizes), _split(scores_all, plan.q_sizes),
-                     _split(kg, plan.k_sizes), _split(vg, plan.k_sizes))
+    q_sizes, k_sizes = plan.sizes("q"), plan.sizes("k")
+    per_bucket = zip(plan.buckets, _split(qg, q_sizes), _split(scores_all, q_sizes),
+                     _split(kg, k_sizes), _split(vg, k_sizes))
     for bucket, q_b, scores_all_b, k_b, v_b in per_bucket:
         g, lq, ls = bucket.shape
         q_b, k_b, v_b = q_b.view(bh, g, lq, d), k_b.view(bh, g, ls, d), v_b.view(bh, g, ls, d)
-        scores_image = q_b @ k_b.transpose(2, 3) + bucket.bias
-        p = torch.cat([scores_all_b.view(bh, g, lq, s_all), scores_image], dim=-1).softmax(dim=-1)
+        scores_image = q_b @ k_b.transpose(2, 3) + bucket.bias  # (bh, g, q, s)
+        scores = torch.cat([scores_all_b.view(bh, g, lq, a), scores_image], dim=-1)
+        p = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
         if dropout_p:
             p = F.dropout(p, dropout_p)
-        out = p[..., :s_all].reshape(bh, g * lq, s_all) @ v_all + (p[..., s_all:] @ v_b).view(bh, g * lq, d)
-        outs.append(out.to(q.dtype))
+        outs.append(p[..., :a].reshape(bh, g * lq, a) @ v_all + (p[..., a:] @ v_b).view(bh, g * lq, d))
     out_img = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)).index_select(1, plan.inverse[: n - t])
-    out_img = out_img.view(b, h, n - t, d)
-    return torch.cat([out_text, out_img], dim=2)
+    return torch.cat([out_text, out_img.view(b, h, n - t, d)], dim=2)
 
 
 def dense_reference_attention(pattern: AttentionPattern, q, k, v, dropout_p: float = 0.0):
@@ -167,6 +183,8 @@ def attend(pattern: AttentionPattern, q, k, v, *, start: int = 0, dropout_p: flo
         return decode_attention(pattern, q, k, v, start)
     if not pattern.sparse:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
-    if q.is_cuda and dropout_p == 0.0:
+    # Flex only at the training length: each new length would recompile it (prompts vary).
+    training_len = q.shape[2] == pattern.layout.total_len - 1
+    if q.is_cuda and dropout_p == 0.0 and training_len and q.shape[-1] >= _FLEX_MIN_HEAD_DIM:
         return flex_pattern_attention(pattern, q, k, v)
     return gathered_attention(pattern, q, k, v, dropout_p)

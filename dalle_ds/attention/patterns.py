@@ -5,8 +5,8 @@ Sequence layout (positions): ``0 .. text_len-1`` are text (bos + caption), then 
 
 Every pattern is causal. Text queries attend causally to text. Image queries attend to all of
 the text plus the image keys their pattern allows. Each pattern states its rule once, in
-``image_rule``; the dense reference mask, the FlexAttention mask and the key groups of the CPU
-kernel are all derived from it, so the three paths cannot drift apart.
+``image_rule``; the dense reference mask, the FlexAttention mask and the masks of the CPU
+kernel's key groups are all derived from it, and the kernel asserts that the groups cover it.
 
 The CPU kernel (``kernels.gathered_attention``) needs each pattern to cover its allowed keys
 with *groups*: a group is a set of image queries and a set of image keys. ``groups()`` returns
@@ -23,9 +23,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-
-ATTN_TYPES = ("full", "axial_row", "axial_col", "conv_like", "sparse")
-
 
 @dataclass(frozen=True)
 class SequenceLayout:
@@ -47,8 +44,8 @@ class SequenceLayout:
 class AttentionPattern:
     """Base class: a causal [text | image] mask defined by an image-to-image rule."""
 
-    name = "full"
-    sparse = False  # False: handled by plain causal attention everywhere
+    name: str
+    sparse = True  # False: plain causal attention computes it everywhere
 
     def __init__(self, layout: SequenceLayout):
         self.layout = layout
@@ -57,7 +54,7 @@ class AttentionPattern:
 
     def image_rule(self, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
         """May image query ``qi`` see image key ``ki`` (both image indices, ki <= qi)?"""
-        return torch.ones_like(qi & ki, dtype=torch.bool)
+        raise NotImplementedError
 
     def allowed(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Boolean mask for sequence positions (broadcasting; tensor ops only, so that
@@ -88,13 +85,16 @@ class AttentionPattern:
 
 class FullPattern(AttentionPattern):
     name = "full"
+    sparse = False
+
+    def image_rule(self, qi, ki):
+        return torch.ones_like(qi & ki, dtype=torch.bool)
 
 
 class AxialRowPattern(AttentionPattern):
     """Each image token sees the earlier tokens of its own row."""
 
     name = "axial_row"
-    sparse = True
 
     def image_rule(self, qi, ki):
         w = self.layout.grid_w
@@ -109,7 +109,6 @@ class AxialColPattern(AttentionPattern):
     """Each image token sees the earlier tokens of its own column."""
 
     name = "axial_col"
-    sparse = True
 
     def image_rule(self, qi, ki):
         w = self.layout.grid_w
@@ -124,7 +123,6 @@ class ConvLikePattern(AttentionPattern):
     """Each image token sees the causal part of the k x k window centred on it."""
 
     name = "conv_like"
-    sparse = True
     tile_w = 8  # queries per group: a run of tile_w tokens of one row share a key window
 
     def __init__(self, layout: SequenceLayout, kernel_size: int = 5):
@@ -158,7 +156,6 @@ class BlockSparsePattern(AttentionPattern):
     block of each stride acts as a summary, as in Sparse Transformer's fixed pattern)."""
 
     name = "sparse"
-    sparse = True
 
     def __init__(self, layout: SequenceLayout, block_size: int = 16, local_blocks: int = 4, stride: int = 8):
         if min(block_size, local_blocks, stride) < 1:
@@ -176,7 +173,8 @@ class BlockSparsePattern(AttentionPattern):
     def shared_image_keys(self):
         n, bs = self.layout.image_len, self.block_size
         summaries = torch.arange(self.stride - 1, math.ceil(n / bs), self.stride)
-        return _drop_out_of_range((summaries[:, None] * bs + torch.arange(bs)).flatten(), n)
+        keys = (summaries[:, None] * bs + torch.arange(bs)).flatten()
+        return keys[keys < n]
 
     def groups(self):
         # Groups hold the local window only; query blocks near the start see fewer blocks and
@@ -198,25 +196,19 @@ def _pad_out_of_range(idx: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where(idx < n, idx, -1)
 
 
-def _drop_out_of_range(idx: torch.Tensor, n: int) -> torch.Tensor:
-    return idx[idx < n]
+_BUILDERS = {
+    "full": lambda layout, o: FullPattern(layout),
+    "axial_row": lambda layout, o: AxialRowPattern(layout),
+    "axial_col": lambda layout, o: AxialColPattern(layout),
+    "conv_like": lambda layout, o: ConvLikePattern(layout, o.get("conv_kernel_size", 5)),
+    "sparse": lambda layout, o: BlockSparsePattern(
+        layout, o.get("sparse_block_size", 16), o.get("sparse_local_blocks", 4), o.get("sparse_stride", 8)),
+}
+ATTN_TYPES = tuple(_BUILDERS)
 
 
 def build_pattern(attn_type: str, layout: SequenceLayout, **options) -> AttentionPattern:
     """``options``: conv_kernel_size, sparse_block_size, sparse_local_blocks, sparse_stride."""
-    if attn_type == "full":
-        return FullPattern(layout)
-    if attn_type == "axial_row":
-        return AxialRowPattern(layout)
-    if attn_type == "axial_col":
-        return AxialColPattern(layout)
-    if attn_type == "conv_like":
-        return ConvLikePattern(layout, options.get("conv_kernel_size", 5))
-    if attn_type == "sparse":
-        return BlockSparsePattern(
-            layout,
-            options.get("sparse_block_size", 16),
-            options.get("sparse_local_blocks", 4),
-            options.get("sparse_stride", 8),
-        )
-    raise ValueError(f"unknown attention type {attn_type!r}; expected one of {', '.join(ATTN_TYPES)}")
+    if attn_type not in _BUILDERS:
+        raise ValueError(f"unknown attention type {attn_type!r}; expected one of {', '.join(ATTN_TYPES)}")
+    return _BUILDERS[attn_type](layout, options)

@@ -63,8 +63,9 @@ class DALLE(PretrainedMixin, nn.Module):
         reversible: RevNet layers; activation memory flat in depth.
         attn_dropout, ff_dropout: dropout rates.
         loss_img_weight: loss = (text_loss + w * image_loss) / (w + 1).
-        stable: PB-relax (CogView): divide the final hidden state by its (detached) max before
-            the last LayerNorm, so low-precision training cannot overflow there.
+        stable: DALLE-pytorch's flag: divide the final hidden state by its (detached) max
+            before the last LayerNorm (CogView's PB-relax of LayerNorm inputs), so fp16 cannot
+            overflow there. Attention softmax is always max-subtracted in fp32 in our kernels.
         sandwich_norm: LayerNorm after each attention and feed-forward branch too (CogView).
         null_cond_prob: in training, the caption of each sample is dropped with this
             probability, which teaches the unconditional model classifier-free guidance needs.
@@ -234,9 +235,7 @@ class DALLE(PretrainedMixin, nn.Module):
                 text_ids = torch.cat([text_ids, self.null_text(b, device)])
             codes = torch.zeros(b, 0, dtype=torch.long, device=device)
             if img is not None:
-                primed = self.prepare_image(img)
-                num_init = int(0.4375 * self.image_seq_len) if num_init_img_tokens is None else num_init_img_tokens
-                codes = primed[:, :num_init]
+                codes = self._priming_codes(img, b, num_init_img_tokens)
             generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
             cache = KVCache(len(self.patterns), self.layout.total_len) if use_cache else None
             for j in range(codes.shape[1], self.image_seq_len):
@@ -256,6 +255,15 @@ class DALLE(PretrainedMixin, nn.Module):
             return codes
         finally:
             self.train(was_training)
+
+    def _priming_codes(self, img, batch: int, num_init: int | None) -> torch.Tensor:
+        primed = self.prepare_image(img)
+        num_init = int(0.4375 * self.image_seq_len) if num_init is None else num_init
+        if primed.shape[0] != batch:
+            raise ValueError(f"img has {primed.shape[0]} images to prime {batch} captions; give one per caption")
+        if not 0 <= num_init <= primed.shape[1]:
+            raise ValueError(f"num_init_img_tokens must be in [0, {primed.shape[1]}] (the codes given), got {num_init}")
+        return primed[:, :num_init]
 
     @torch.inference_mode()
     def generate_images(self, text, *, mask=None, clip=None, filter_thres=0.5, temperature=1.0, top_p=None,

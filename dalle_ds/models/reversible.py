@@ -17,25 +17,29 @@ Branch = Callable[[torch.Tensor], torch.Tensor]
 
 
 class _ReplayableBranch:
-    """Calls a branch; remembers the RNG state of the last recorded call to replay it."""
+    """Calls a branch; remembers the RNG and autocast state of the recorded call to replay it
+    (backward usually runs outside ``torch.autocast``, yet must recompute in the same precision)."""
 
     def __init__(self, fn: Branch):
         self.fn = fn
-        self.cpu_state = None
-        self.cuda_state = None
+        self.cpu_state = self.cuda_state = self.autocast = None
 
     def record(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
         self.cpu_state = torch.get_rng_state()
         self.cuda_state = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        self.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         return self.fn(x)
 
     def replay(self, x: torch.Tensor) -> torch.Tensor:
-        devices = [x.device] if x.is_cuda else []
-        with torch.random.fork_rng(devices=devices, device_type=x.device.type):
+        device = x.device.type
+        enabled, dtype = self.autocast
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else [], device_type=device):
             torch.set_rng_state(self.cpu_state)
             if self.cuda_state is not None:
                 torch.cuda.set_rng_state(self.cuda_state, x.device)
-            return self.fn(x)
+            with torch.autocast(device, dtype=dtype, enabled=enabled):
+                return self.fn(x)
 
 
 class _ReversibleFunction(torch.autograd.Function):
@@ -80,6 +84,11 @@ def reversible_sequence(x: torch.Tensor, layers: Sequence[tuple[Branch, Branch]]
     plain autograd (stores every activation); it is the reference for the custom backward."""
     x = torch.cat([x, x], dim=-1)
     if memory_efficient and torch.is_grad_enabled():
+        # The parameters are not inputs of the Function (backward accumulates their .grad
+        # directly, so torch.autograd.grad on them is not supported); its input must require
+        # grad for backward to run at all, e.g. when the embeddings below are frozen.
+        if not x.requires_grad:
+            x = x.detach().requires_grad_()
         # autograd runs Function.forward without recording a graph: nothing is stored per layer
         wrapped = [(_ReplayableBranch(f), _ReplayableBranch(g)) for f, g in layers]
         x = _ReversibleFunction.apply(x, wrapped)
