@@ -62,7 +62,8 @@ class GroupPlan:
             # a shared key that a query's own group also holds is scored there, never twice
             in_group = torch.cat([(k_idx[:, :, None] == shared).any(1).repeat_interleave(q_idx.shape[1], 0)
                                   for q_idx, k_idx in groups])
-            image_bias = _bias(pattern, q_flat[:, None], shared[None, :]).squeeze(1).masked_fill(in_group, float("-inf"))
+            image_bias = _bias(pattern, q_flat[:, None], shared[None, :]).squeeze(1)
+            image_bias = image_bias.masked_fill(in_group, float("-inf"))
             text_bias = torch.zeros(len(q_flat), pattern.layout.text_len)
             self.shared_bias = torch.cat([text_bias, image_bias], dim=1).to(device)
 
@@ -76,7 +77,8 @@ def _check_coverage(pattern: AttentionPattern, groups, shared: torch.Tensor) -> 
     n_img, t = pattern.layout.image_len, pattern.layout.text_len
     covered = torch.zeros(n_img + 1, n_img + 1, dtype=torch.bool)  # row/col n_img: padding
     for q_idx, k_idx in groups:
-        covered[q_idx[:, :, None].expand(-1, -1, k_idx.shape[1]), k_idx[:, None, :].expand(-1, q_idx.shape[1], -1)] = True
+        lq, ls = q_idx.shape[1], k_idx.shape[1]
+        covered[q_idx[:, :, None].expand(-1, -1, ls), k_idx[:, None, :].expand(-1, lq, -1)] = True
     covered[:, shared] = True
     needed = pattern.dense_mask()[t:, t:]
     assert not (needed & ~covered[:n_img, :n_img]).any(), f"{pattern.name} groups miss allowed keys"

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+
 @dataclass(frozen=True)
 class SequenceLayout:
     """Where text and image sit in the transformer's sequence."""

@@ -84,7 +84,9 @@ class DALLE(PretrainedMixin, nn.Module):
         self.num_image_tokens, self.image_seq_len = vae.num_tokens, grid * grid
         self.loss_img_weight, self.null_cond_prob, self.stable = loss_img_weight, null_cond_prob, stable
 
-        attn_types = ("full",) if attn_types is None else (attn_types,) if isinstance(attn_types, str) else tuple(attn_types)
+        if attn_types is None or isinstance(attn_types, str):
+            attn_types = (attn_types or "full",)
+        attn_types = tuple(attn_types)
         if not attn_types:
             raise ValueError("attn_types must name at least one attention type")
         options = dict(conv_kernel_size=conv_kernel_size, sparse_block_size=sparse_block_size,
