@@ -124,7 +124,9 @@ class ConvLikePattern(AttentionPattern):
     """Each image token sees the causal part of the k x k window centred on it."""
 
     name = "conv_like"
-    tile_w = 8  # queries per group: a run of tile_w tokens of one row share a key window
+    # Queries per group: a tile_h x tile_w tile of the grid shares one key window. Bigger tiles
+    # score more keys per query but run larger, more efficient matmuls; 4 x 8 measured best.
+    tile_h, tile_w = 4, 8
 
     def __init__(self, layout: SequenceLayout, kernel_size: int = 5):
         if kernel_size < 1 or kernel_size % 2 == 0:
@@ -138,17 +140,20 @@ class ConvLikePattern(AttentionPattern):
 
     def groups(self):
         h, w, r = self.layout.grid_h, self.layout.grid_w, self.kernel_size // 2
-        tw = min(self.tile_w, w)
-        q_rows, k_rows = [], []
-        for row in range(h):
+        th, tw = min(self.tile_h, h), min(self.tile_w, w)
+        q_tiles, k_windows = [], []
+        for r0 in range(0, h, th):
             for c0 in range(0, w, tw):
-                q_cols = torch.arange(c0, c0 + tw)
-                q_rows.append(torch.where(q_cols < w, row * w + q_cols, -1))
-                k_r = torch.arange(row - r, row + 1)[:, None]
-                k_c = torch.arange(c0 - r, c0 + tw + r)[None, :]
-                inside = (k_r >= 0) & (k_c >= 0) & (k_c < w)
-                k_rows.append(torch.where(inside, k_r * w + k_c, -1).flatten())
-        return [(torch.stack(q_rows), torch.stack(k_rows))]
+                q_tiles.append(_grid_indices(self.layout, range(r0, r0 + th), range(c0, c0 + tw)))
+                k_windows.append(_grid_indices(self.layout, range(r0 - r, r0 + th), range(c0 - r, c0 + tw + r)))
+        return [(torch.stack(q_tiles), torch.stack(k_windows))]
+
+
+def _grid_indices(layout: SequenceLayout, rows: range, cols: range) -> torch.Tensor:
+    """Raster indices of a rows x cols block of the grid, flattened; -1 outside the grid."""
+    r, c = torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]
+    inside = (r >= 0) & (r < layout.grid_h) & (c >= 0) & (c < layout.grid_w)
+    return torch.where(inside, r * layout.grid_w + c, -1).flatten()
 
 
 class BlockSparsePattern(AttentionPattern):
