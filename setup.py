@@ -21,6 +21,7 @@ setup(
         "pillow>=10,<13",
         "numpy>=1.24,<3",
     ],
+    entry_points={"console_scripts": ["dalle-ds=dalle_ds.cli:entry_point"]},
     extras_require={
         "dev": ["pytest>=8,<10", "pytest-timeout>=2.3,<3"],
     },

@@ -8,6 +8,7 @@ nested config, and its weights travel in the parent's safetensors file.
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import json
 import os
@@ -61,6 +62,16 @@ def model_from_config(record: dict) -> torch.nn.Module:
     return _REGISTRY[name](**_from_json(record["config"]))
 
 
+def model_fingerprint(model: "PretrainedMixin") -> str:
+    """sha256 of a model's config and weights: names the exact model that made some data
+    (token shards record the dVAE that encoded them)."""
+    digest = hashlib.sha256(json.dumps(model.config_record(), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
@@ -92,7 +103,7 @@ class PretrainedMixin:
         if not config_path.is_file() or not weights_path.is_file():
             raise ValueError(
                 f"{directory} is not a saved model: expected {CONFIG_FILE} and {WEIGHTS_FILE} "
-                f"(written by save_pretrained or `dalle-ds export`)"
+                f"(written by save_pretrained)"
             )
         record = json.loads(config_path.read_text())
         if record.get("model_class") != cls.__name__:

@@ -1,0 +1,128 @@
+"""The ``dalle-ds`` command line: one subcommand per job.
+
+Each subcommand parses its flags, calls the library, prints a one-line summary and exits 0; a
+user mistake or unusable input exits 2 with a one-line reason (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_prep_folder(sub):
+    p = sub.add_parser("prep-folder", help="a folder of images + same-named .txt captions -> img2dataset-layout shards")
+    p.add_argument("--src", required=True, help="folder with image files and a .txt caption beside each")
+    p.add_argument("--out", required=True, help="output folder for the tar shards")
+    p.add_argument("--samples-per-shard", type=int, default=10_000, help="samples per output shard (default 10000)")
+    p.set_defaults(run=_run_prep_folder)
+
+
+def _run_prep_folder(args):
+    from .data.prep_folder import prep_folder
+
+    return prep_folder(args.src, args.out, args.samples_per_shard).line()
+
+
+def _add_train_tokenizer(sub):
+    p = sub.add_parser("train-tokenizer", help="train a sentencepiece tokenizer on the captions of shards")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="shards: brace pattern (data/{00000..00099}.tar), glob, folder or tar paths")
+    p.add_argument("--out", required=True, help="the .model file to write")
+    p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size (pad id 0 included)")
+    p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe", help="sentencepiece algorithm (default bpe)")
+    p.add_argument("--max-captions", type=int, default=1_000_000,
+                   help="train on at most this many captions, the first ones in shard order (default 1000000)")
+    p.add_argument("--no-byte-fallback", action="store_true",
+                   help="map unseen characters to <unk> instead of their UTF-8 bytes")
+    p.set_defaults(run=_run_train_tokenizer)
+
+
+def _run_train_tokenizer(args):
+    from .data.shards import expand_shards
+    from .data.tar_reader import iter_captions
+    from .data.tokenizer import train_tokenizer
+
+    shards = expand_shards(args.data).paths
+    path = train_tokenizer(iter_captions(shards), args.out, args.vocab_size, model_type=args.model_type,
+                           byte_fallback=not args.no_byte_fallback, max_captions=args.max_captions)
+    return f"train-tokenizer: wrote {path} (vocab {args.vocab_size}, {args.model_type}) from {len(shards)} shards"
+
+
+def _add_pretokenize(sub):
+    p = sub.add_parser("pretokenize", help="encode image-text shards into token shards with a frozen dVAE")
+    p.add_argument("--data", required=True, nargs="+", help="input shards: brace pattern, glob, folder or tar paths")
+    p.add_argument("--vae", required=True, help="a trained DiscreteVAE folder (written by save_pretrained)")
+    p.add_argument("--out", required=True, help="output folder: token shards, stats and manifest.json")
+    p.add_argument("--job-index", type=int, default=None,
+                   help="this job's index among --num-jobs (default: SLURM_ARRAY_TASK_ID, else RANK, else 0)")
+    p.add_argument("--num-jobs", type=int, default=None,
+                   help="number of jobs sharing the input (default: SLURM_ARRAY_TASK_COUNT, else WORLD_SIZE, else 1)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per dVAE batch (default 64)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_pretokenize)
+
+
+def _run_pretokenize(args):
+    import torch
+
+    from .data.pretokenize import pretokenize
+    from .data.shards import default_job_partition, expand_shards
+    from .models.vae import DiscreteVAE
+
+    index, count = default_job_partition()
+    job_index = index if args.job_index is None else args.job_index
+    num_jobs = count if args.num_jobs is None else args.num_jobs
+    shards = expand_shards(args.data).paths  # before loading the VAE: a bad pattern fails fast
+    vae = DiscreteVAE.from_pretrained(args.vae)
+    summary = pretokenize(shards, vae, args.out, job_index=job_index, num_jobs=num_jobs,
+                          batch_size=args.batch_size, device=torch.device(args.device) if args.device else None,
+                          progress=not args.no_progress)
+    return summary.line()
+
+
+def _add_decode_check(sub):
+    p = sub.add_parser("decode-check", help="decode token-shard samples through the dVAE into a captioned PNG grid")
+    p.add_argument("--data", required=True, help="a token-shard folder (with manifest.json)")
+    p.add_argument("--vae", required=True, help="the DiscreteVAE folder the shards were made with")
+    p.add_argument("--out", required=True, help="the PNG to write")
+    p.add_argument("--num-samples", type=int, default=16, help="how many samples to decode (default 16)")
+    p.set_defaults(run=_run_decode_check)
+
+
+def _run_decode_check(args):
+    from .data.decode_check import decode_check
+    from .data.manifest import Manifest
+    from .models.vae import DiscreteVAE
+
+    Manifest.load(args.data)  # before loading the VAE: a wrong folder fails fast
+    n = decode_check(args.data, DiscreteVAE.from_pretrained(args.vae), args.out, args.num_samples)
+    return f"decode-check: wrote {n} decoded samples to {args.out}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dalle-ds", description="Train DALL-E at scale: data preparation jobs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_prep_folder, _add_train_tokenizer, _add_pretokenize, _add_decode_check):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        print(args.run(args))
+    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+        print(f"dalle-ds {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def entry_point() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -1,0 +1,1 @@
+"""Data: captions, images, shards and the training stream."""

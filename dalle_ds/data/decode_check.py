@@ -1,0 +1,65 @@
+"""decode-check: decode a few token-shard samples back to images through the dVAE and write a
+captioned PNG grid, to see with one's own eyes that the codes are right."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from ..models.pretrained import model_fingerprint
+from ..models.vae import DiscreteVAE
+from .manifest import Manifest
+from .tar_reader import RejectCounts, iter_shard
+from .token_shards import decode_codes
+
+
+def check_fingerprint(manifest: Manifest, vae: DiscreteVAE, folder) -> None:
+    if manifest.vae_fingerprint != model_fingerprint(vae):
+        raise ValueError(f"the token shards in {folder} were made with another dVAE "
+                         f"({manifest.vae_fingerprint[:12]}); use the VAE they were made with, "
+                         f"or pretokenize again with this one ({model_fingerprint(vae)[:12]})")
+
+
+def read_token_samples(folder, manifest: Manifest, limit: int):
+    """First ``limit`` (codes, caption) pairs of the folder, in manifest order."""
+    dtype, n = np.dtype(manifest.codes_dtype), manifest.grid_size**2
+    found = []
+    for record in manifest.shards:
+        for sample in iter_shard(str(Path(folder) / record.name), RejectCounts()):
+            found.append((decode_codes(sample.files["codes"], dtype, n), sample.files["txt"].decode("utf-8")))
+            if len(found) == limit:
+                return found
+    return found
+
+
+def caption_grid(images: torch.Tensor, captions: list[str], columns: int = 4) -> Image.Image:
+    """(b, 3, H, W) images in [0, 1] with a caption under each -> one PIL image."""
+    b, _, h, w = images.shape
+    text_h = 36
+    rows = (b + columns - 1) // columns
+    grid = Image.new("RGB", (columns * w, rows * (h + text_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    pixels = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    for i, (pix, caption) in enumerate(zip(pixels, captions)):
+        x, y = (i % columns) * w, (i // columns) * (h + text_h)
+        grid.paste(Image.fromarray(pix), (x, y))
+        lines = textwrap.wrap(caption, width=max(8, w // 6))[:3]
+        draw.multiline_text((x + 2, y + h + 1), "\n".join(lines), fill="black", spacing=0)
+    return grid
+
+
+@torch.inference_mode()
+def decode_check(folder, vae: DiscreteVAE, out_png, num_samples: int = 16) -> int:
+    manifest = Manifest.load(folder)
+    check_fingerprint(manifest, vae, folder)
+    samples = read_token_samples(folder, manifest, num_samples)
+    if not samples:
+        raise ValueError(f"{folder} holds no samples to decode")
+    codes = torch.from_numpy(np.stack([c.astype(np.int64) for c, _ in samples]))
+    images = vae.eval().decode(codes)
+    caption_grid(images, [c for _, c in samples]).save(out_png)
+    return len(samples)

@@ -1,0 +1,72 @@
+"""The data-preparation commands end to end, as a user runs them: folder -> shards -> tokenizer
+-> token shards -> decoded check grid; and their one-line errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import tiny_vae
+from data_fixtures import COLOURS, png_bytes, shard_members
+from dalle_ds.cli import main
+from dalle_ds.data.manifest import Manifest
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    src = tmp_path / "photos"
+    (src / "sub").mkdir(parents=True)
+    for i, (name, rgb) in enumerate(COLOURS.items()):
+        for j in range(3):
+            stem = src / ("sub" if j else "") / f"{name}{j}"
+            stem.with_suffix(".png").write_bytes(png_bytes(rgb, size=24))
+            stem.with_suffix(".txt").write_text(f"a {name} square number {j}")
+    (src / "orphan.png").write_bytes(png_bytes((0, 0, 0)))  # no caption: skipped
+    return src
+
+
+def test_folder_to_decoded_grid(image_folder, tmp_path, capsys):
+    shards = tmp_path / "shards"
+    assert main(["prep-folder", "--src", str(image_folder), "--out", str(shards), "--samples-per-shard", "5"]) == 0
+    assert "12 samples in 3 shards; skipped: missing_caption 1" in capsys.readouterr().out
+    members = shard_members(shards / "00000.tar")
+    assert {"000000000.png", "000000000.txt", "000000000.json"} <= set(members)
+
+    model = tmp_path / "captions.model"
+    assert main(["train-tokenizer", "--data", str(shards), "--out", str(model), "--vocab-size", "300"]) == 0
+    assert model.is_file()
+
+    vae_dir = tmp_path / "vae"
+    tiny_vae().save_pretrained(vae_dir)
+    tokens = tmp_path / "tokens"
+    assert main(["pretokenize", "--data", f"{shards}/{{00000..00002}}.tar", "--vae", str(vae_dir),
+                 "--out", str(tokens), "--batch-size", "4", "--no-progress"]) == 0
+    assert "3 shards written" in capsys.readouterr().out
+    assert Manifest.load(tokens).total_samples == 12
+
+    grid = tmp_path / "check.png"
+    assert main(["decode-check", "--data", str(tokens), "--vae", str(vae_dir), "--out", str(grid),
+                 "--num-samples", "6"]) == 0
+    with Image.open(grid) as image:
+        assert image.width == 4 * 16 and image.height > 2 * 16
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["pretokenize", "--data", "{tmp}/nothing/*.tar", "--vae", "{tmp}", "--out", "{tmp}/o"], "no shards match"),
+    (["decode-check", "--data", "{tmp}", "--vae", "{tmp}", "--out", "{tmp}/x.png"], "no manifest.json"),
+    (["prep-folder", "--src", "{tmp}/missing", "--out", "{tmp}/o"], "is not a folder"),
+])
+def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv, message):
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_console_script_and_data_prep_entry_points_run():
+    console_script = Path(sys.executable).parent / "dalle-ds"
+    data_prep = Path(__file__).resolve().parents[1] / "data_prep" / "pretokenize.py"
+    for cmd in ([str(console_script), "pretokenize", "--help"], [sys.executable, str(data_prep), "--help"]):
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        assert "--job-index" in out and "--num-jobs" in out

@@ -1,0 +1,162 @@
+import io
+import os
+import pickle
+import random
+import tarfile
+
+import pytest
+
+from dalle_ds.data.errors import Rejected
+from dalle_ds.data.tar_reader import RawSample, RejectCounts, image_and_caption, iter_shard
+
+
+def write_tar(path, members):
+    """members: (name, bytes) in order, or (name, None) for a directory."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def img2dataset_members(n):
+    members = []
+    for i in range(n):
+        key = f"{i:09d}"
+        members += [(f"{key}.jpg", bytes([i]) * 1000), (f"{key}.txt", f"caption {i}".encode()),
+                    (f"{key}.json", b'{"key": "%s"}' % key.encode())]
+    return members
+
+
+def read(path):
+    rejects = RejectCounts()
+    return list(iter_shard(str(path), rejects)), rejects.counts
+
+
+def test_good_shard_round_trip(tmp_path):
+    members = img2dataset_members(4)
+    path = write_tar(tmp_path / "s.tar", members)
+    samples, rejects = read(path)
+    assert [s.key for s in samples] == [f"{i:09d}" for i in range(4)]
+    assert all(s.shard == path for s in samples)
+    assert [f"{s.key}.{ext}" for s in samples for ext in s.files] == [name for name, _ in members]
+    assert samples[2].files == {"jpg": bytes([2]) * 1000, "txt": b"caption 2", "json": b'{"key": "000000002"}'}
+    assert rejects == {}
+
+
+def test_keys_folders_extensions_and_skipped_entries(tmp_path):
+    path = write_tar(tmp_path / "s.tar", [
+        ("./", None), ("./a.JPG", b"1"), ("./a.txt", b"x"), ("part", None), ("part/b.seg.png", b"2"),
+        (".hidden.txt", b"h"), ("__meta__", b"m"), ("part/._b.jpg", b"mac"), ("README", b"no extension"),
+        ("part/b.txt", b"y"),
+    ])
+    samples, rejects = read(path)
+    assert [(s.key, s.files) for s in samples] == [("a", {"jpg": b"1", "txt": b"x"}),
+                                                   ("part/b", {"seg.png": b"2", "txt": b"y"})]
+    assert rejects == {}
+
+
+def test_repeated_file_in_a_sample_is_counted_and_dropped(tmp_path):
+    path = write_tar(tmp_path / "s.tar", [("a.jpg", b"1"), ("a.txt", b"x"), ("a.txt", b"again")])
+    samples, rejects = read(path)
+    assert samples[0].files == {"jpg": b"1", "txt": b"x"}
+    assert rejects == {"duplicate_member": 1}
+
+
+def member_offsets(path):
+    with tarfile.open(path) as tar:
+        return [(m.offset, m.offset_data, m.size) for m in tar.getmembers()]
+
+
+def test_truncated_inside_third_sample_yields_the_first_two(tmp_path):
+    path = write_tar(tmp_path / "s.tar", img2dataset_members(4))
+    _, data_start, size = member_offsets(path)[6]  # the image of the third sample
+    with open(path, "r+b") as f:
+        f.truncate(data_start + size // 2)
+    samples, rejects = read(path)
+    assert [s.key for s in samples] == ["000000000", "000000001"]
+    assert len(samples[1].files) == 3
+    assert rejects == {"truncated_shard": 1}
+
+
+@pytest.mark.parametrize("cut", ["at_header", "inside_header"])
+def test_cut_between_members_is_not_taken_for_a_whole_shard(tmp_path, cut):
+    path = write_tar(tmp_path / "s.tar", img2dataset_members(3))
+    header = member_offsets(path)[5][0]  # the json of the second sample, its last member
+    with open(path, "r+b") as f:
+        f.truncate(header + (100 if cut == "inside_header" else 0))
+    samples, rejects = read(path)
+    assert [s.key for s in samples] == ["000000000"]
+    assert rejects == {"truncated_shard": 1}
+
+
+@pytest.mark.parametrize("content", [None, b"", os.urandom(5000), b"not a tar at all\n" * 100])
+def test_unreadable_shards_are_counted_not_raised(tmp_path, content):
+    path = tmp_path / "bad.tar"
+    if content is not None:
+        path.write_bytes(content)
+    samples, rejects = read(path)
+    assert samples == []
+    assert rejects == {"unreadable_shard": 1}
+
+
+def test_a_folder_or_an_unknown_url_is_unreadable(tmp_path):
+    assert read(tmp_path) == ([], {"unreadable_shard": 1})
+    assert read("s3://bucket/x.tar") == ([], {"unreadable_shard": 1})
+
+
+def test_empty_tar_is_a_valid_shard_without_samples(tmp_path):
+    assert read(write_tar(tmp_path / "empty.tar", [])) == ([], {})
+
+
+def test_corrupted_shards_never_raise(tmp_path):
+    with open(write_tar(tmp_path / "good.tar", img2dataset_members(3)), "rb") as f:
+        good = f.read()
+    rng = random.Random(0)
+    path = tmp_path / "bad.tar"
+    for _ in range(200):
+        data = bytearray(good)
+        for _ in range(rng.randint(1, 20)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        path.write_bytes(bytes(data[:rng.randrange(len(data) + 1)]))
+        read(path)
+
+
+def sample(**files):
+    return RawSample("k", "s.tar", files)
+
+
+def test_image_and_caption():
+    assert image_and_caption(sample(png=b"p", jpg=b"j", txt=b"  a cat \n")) == ("jpg", b"j", "a cat")
+    assert image_and_caption(sample(webp=b"w", txt=b"\xef\xbb\xbf" + "café".encode())) == ("webp", b"w", "café")
+
+
+@pytest.mark.parametrize("files, reason", [
+    ({"txt": b"a cat", "json": b"{}"}, "missing_image"),
+    ({"seg.png": b"p", "txt": b"a cat"}, "missing_image"),
+    ({"jpg": b"j", "json": b"{}"}, "missing_caption"),
+    ({"jpg": b"j", "txt": b"caf\xe9"}, "caption_not_utf8"),
+    ({"jpg": b"j", "txt": b""}, "empty_caption"),
+    ({"jpg": b"j", "txt": b" \n\t "}, "empty_caption"),
+])
+def test_rejected_samples(files, reason):
+    with pytest.raises(Rejected) as error:
+        image_and_caption(sample(**files))
+    assert error.value.reason == reason
+
+
+def test_reject_counts_merge_and_pickle():
+    a, b = RejectCounts(keep_records=3), RejectCounts()
+    a.add("missing_image", "k1", "s1")
+    b.add("missing_image", "k2", "s2")
+    b.add("empty_caption", "k3", "s2")
+    a.merge(b)
+    a.merge(pickle.loads(pickle.dumps(b)).as_dict())  # as a DataLoader worker would hand it back
+    assert a.as_dict()["counts"] == {"missing_image": 3, "empty_caption": 2}
+    assert a.as_dict()["records"] == [("k3", "s2", "empty_caption"), ("k2", "s2", "missing_image"),
+                                      ("k3", "s2", "empty_caption")]
