@@ -71,6 +71,10 @@ class RejectCounts:
     def as_dict(self) -> dict:
         return {"counts": dict(self.counts), "records": list(self.records)}
 
+    def clear(self) -> None:
+        self.counts.clear()
+        self.records.clear()
+
 
 def iter_shard(path: str, rejects: RejectCounts) -> Iterator[RawSample]:
     """The samples of one shard, in tar order. Never raises on bad data: see the module doc."""

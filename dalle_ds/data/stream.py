@@ -1,0 +1,207 @@
+"""The training stream over token shards, resumable exactly.
+
+Stages, per epoch (open_clip's data.py order):
+  shard list -> deterministic shuffle (seed, epoch), the same on every rank -> split by rank ->
+  split by worker -> never-throwing tar reading -> decode our members only (codes, txt; raw
+  bytes, never pickle) -> shuffle buffer (seed, epoch, rank, worker) -> batch -> caption
+  tokenization (truncation counted) -> tensors.
+
+Each DataLoader worker runs one *logical* worker's deterministic sequence of batches and tags
+every batch with it; the DataLoader hands batches over in round-robin order of workers. The
+stream's position is (epoch, batches consumed per logical worker, the logical worker due next).
+Restoring it rebuilds the epoch, lets each logical worker fast-forward over what it already gave
+(reading raw bytes only), and rotates logical workers over the DataLoader's so that the worker
+due next comes first: the batches that follow are exactly those an uninterrupted run would give.
+
+Epochs have the same number of batches on every rank (the smallest rank's count, from the
+manifest), so distributed steps never wait on a rank that has run dry.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .errors import Rejected
+from .manifest import Manifest
+from .tar_reader import RejectCounts, caption_of, iter_shard
+from .token_shards import decode_codes
+from .tokenizer import CaptionTokenizer
+
+
+@dataclass
+class StreamConfig:
+    batch_size: int = 64  # samples per batch on each rank
+    shuffle_buffer: int = 2_000  # samples mixed across shards by each worker; 0 = no shuffle
+    seed: int = 0  # shard order and buffer draws derive from (seed, epoch, rank, worker)
+    num_workers: int = 2  # DataLoader worker processes per rank; 0 = read in the training process
+
+
+@dataclass
+class StreamState:
+    epoch: int = 0
+    consumed: list[int] = field(default_factory=list)  # batches consumed this epoch, per logical worker
+    next_worker: int = 0  # the logical worker whose batch comes next
+
+
+@dataclass
+class _WorkerPlan:
+    shards: list[str]
+    batches: int  # full batches its shards hold, per the manifest
+
+
+def _epoch_plans(manifest: Manifest, folder: Path, epoch: int, seed: int, rank: int, world: int,
+                 workers: int, batch_size: int) -> tuple[list[_WorkerPlan], int]:
+    """This rank's logical workers' shards for ``epoch``, and the epoch length in batches
+    (the same on every rank: the smallest rank's)."""
+    order = list(manifest.shards)
+    random.Random(f"{seed}/{epoch}").shuffle(order)  # identical on all ranks
+
+    def plans_of(r):
+        mine = order[r::world]
+        return [_WorkerPlan([str(folder / s.name) for s in mine[w::workers]],
+                            sum(s.samples for s in mine[w::workers]) // batch_size) for w in range(workers)]
+
+    length = min(sum(p.batches for p in plans_of(r)) for r in range(world))
+    return plans_of(rank), length
+
+
+class _EpochDataset(IterableDataset):
+    """One epoch of batches from each logical worker; runs inside DataLoader workers."""
+
+    def __init__(self, stream: "TokenStream", plans: list[_WorkerPlan], state: StreamState):
+        self.plans, self.state = plans, state
+        self.tokenizer_path, self.config = stream.tokenizer_path, stream.config
+        self.text_seq_len, self.rank = stream.text_seq_len, stream.rank
+        self.dtype, self.codes_per_image = np.dtype(stream.manifest.codes_dtype), stream.manifest.grid_size**2
+
+    def __iter__(self):
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        logical = (physical + self.state.next_worker) % len(self.plans)
+        tokenizer = CaptionTokenizer(self.tokenizer_path)
+        rejects = RejectCounts()
+        batch_size, skip = self.config.batch_size, self.state.consumed[logical]
+        batch = []
+        for i, sample in enumerate(self._shuffled(logical, rejects)):
+            if i < skip * batch_size:  # fast-forward over raw bytes, as far as the last run got
+                if i == skip * batch_size - 1:
+                    rejects.clear()  # the last run reported these already
+                continue
+            batch.append(sample)
+            if len(batch) == batch_size:
+                yield self._collate(batch, tokenizer, logical, rejects)
+                batch = []
+                rejects.clear()  # each batch reports the rejects met since the previous one
+
+    def _samples(self, logical: int, rejects: RejectCounts):
+        for shard in self.plans[logical].shards:
+            for raw in iter_shard(shard, rejects):
+                try:
+                    if "codes" not in raw.files:
+                        raise Rejected("missing_codes")
+                    yield raw.files["codes"], caption_of(raw)
+                except Rejected as rejected:
+                    rejects.add(rejected.reason, raw.key, shard)
+
+    def _shuffled(self, logical: int, rejects: RejectCounts):
+        size = self.config.shuffle_buffer
+        if size == 0:
+            yield from self._samples(logical, rejects)
+            return
+        rng = random.Random(f"{self.config.seed}/{self.state.epoch}/{self.rank}/{logical}")
+        buffer = []
+        for sample in self._samples(logical, rejects):
+            if len(buffer) < size:
+                buffer.append(sample)
+                continue
+            i = rng.randrange(size)
+            buffer[i], sample = sample, buffer[i]
+            yield sample
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _collate(self, batch, tokenizer: CaptionTokenizer, logical: int, rejects: RejectCounts) -> dict:
+        codes = np.stack([decode_codes(c, self.dtype, self.codes_per_image) for c, _ in batch])
+        text = tokenizer.encode([caption for _, caption in batch], self.text_seq_len)
+        return {"text": text.ids, "mask": text.mask, "codes": torch.from_numpy(codes.astype(np.int64)),
+                "truncated": text.truncated, "rejects": rejects.as_dict()["counts"], "worker": logical}
+
+
+class TokenStream:
+    """Batches of {text (b, T) ids, mask (b, T), codes (b, N)} from a token-shard folder, epoch
+    after epoch, for one rank. ``state_dict()`` / ``load_state_dict()`` resume it exactly."""
+
+    def __init__(self, folder, tokenizer_path, text_seq_len: int, config: StreamConfig | None = None, *,
+                 rank: int = 0, world_size: int = 1, vae_fingerprint: str | None = None):
+        self.folder, self.tokenizer_path = Path(folder), str(tokenizer_path)
+        self.text_seq_len, self.config = text_seq_len, config or StreamConfig()
+        self.rank, self.world_size = rank, world_size
+        self.manifest = Manifest.load(self.folder)
+        if vae_fingerprint is not None and self.manifest.vae_fingerprint != vae_fingerprint:
+            raise ValueError(f"the token shards in {folder} were made with another dVAE "
+                             f"({self.manifest.vae_fingerprint[:12]}) than this model's ({vae_fingerprint[:12]}); "
+                             f"pretokenize with the model's VAE or train with the VAE the shards came from")
+        self.workers = max(1, self.config.num_workers)
+        feeders = world_size * self.workers
+        if len(self.manifest.shards) < feeders:
+            raise ValueError(f"{len(self.manifest.shards)} token shards cannot feed {world_size} ranks x "
+                             f"{self.workers} workers = {feeders} readers; use fewer data workers or "
+                             f"pretokenize into more, smaller shards")
+        self.state = StreamState(consumed=[0] * self.workers)
+        self.rejects = RejectCounts()
+        self.truncated_captions = 0
+        CaptionTokenizer(self.tokenizer_path)  # a bad path fails here, not in a worker
+
+    def batches_per_epoch(self, epoch: int | None = None) -> int:
+        return self._plans(self.state.epoch if epoch is None else epoch)[1]
+
+    def _plans(self, epoch: int):
+        return _epoch_plans(self.manifest, self.folder, epoch, self.config.seed, self.rank, self.world_size,
+                            self.workers, self.config.batch_size)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.state.epoch, "consumed": list(self.state.consumed),
+                "next_worker": self.state.next_worker}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["consumed"]) != self.workers:
+            raise ValueError(f"the saved stream position has {len(state['consumed'])} data workers per rank, "
+                             f"this run {self.workers}: resume with the same number of workers")
+        self.state = StreamState(state["epoch"], list(state["consumed"]), state["next_worker"])
+
+    def __iter__(self):
+        while True:
+            plans, length = self._plans(self.state.epoch)
+            if length == 0:
+                raise ValueError(f"rank {self.rank} gets less than one batch of {self.config.batch_size} per epoch "
+                                 f"from {self.folder}; use a smaller batch or more data")
+            batches = iter(self._loader(plans))
+            while sum(self.state.consumed) < length:
+                batch = next(batches, None)
+                if batch is None:
+                    raise ValueError(f"rank {self.rank} ran out of samples in epoch {self.state.epoch}: the shards "
+                                     f"in {self.folder} hold fewer than their manifest says; pretokenize them again")
+                yield self._account(batch)
+            del batches  # stop the workers before the next epoch's start
+            self.state = StreamState(self.state.epoch + 1, [0] * self.workers, 0)
+
+    def _loader(self, plans) -> DataLoader:
+        dataset = _EpochDataset(self, plans, StreamState(self.state.epoch, list(self.state.consumed),
+                                                         self.state.next_worker))
+        return DataLoader(dataset, batch_size=None, num_workers=self.config.num_workers,
+                          persistent_workers=False, prefetch_factor=4 if self.config.num_workers else None)
+
+    def _account(self, batch: dict) -> dict:
+        worker = batch.pop("worker")
+        self.state.consumed[worker] += 1
+        self.state.next_worker = (worker + 1) % self.workers
+        self.rejects.merge({"counts": batch.pop("rejects"), "records": []})
+        self.truncated_captions += batch.pop("truncated")
+        return batch
+

@@ -1,0 +1,141 @@
+"""The token-shard training stream: coverage, rank splits, exact resume, rejects, errors."""
+
+import numpy as np
+import pytest
+import torch
+
+from dalle_ds.data.manifest import ShardRecord, merge_manifest, write_shard_record
+from dalle_ds.data.stream import StreamConfig, TokenStream
+from dalle_ds.data.token_shards import ShardWriter, TokenSample, codes_dtype
+from dalle_ds.data.tokenizer import train_tokenizer
+
+SHARD_SIZES = [7, 5, 9, 6, 8, 4, 6, 5]
+GRID, TEXT_LEN = 4, 8
+HEADER = dict(vae_fingerprint="f" * 64, image_size=16, grid_size=GRID, num_codes=300, codes_dtype=codes_dtype(300).str)
+WORDS = ["red", "green", "blue", "small", "large", "circle", "square", "left", "right", "top"]
+
+
+def caption(i: int) -> str:
+    return " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(1 + i % 12))  # some exceed TEXT_LEN
+
+
+def write_token_folder(folder, bad: bool = False):
+    folder.mkdir()
+    dtype, index = codes_dtype(300), 0
+    for s, size in enumerate(SHARD_SIZES):
+        writer = ShardWriter(folder / f"{s:05d}.tar", dtype)
+        for j in range(size):
+            codes = np.full(GRID * GRID, 7)
+            codes[0], codes[1] = index % 256, index // 256  # the sample's identity
+            writer.write(TokenSample(f"{index:06d}", codes, caption(index), {}))
+            if bad and j == 1:  # a sample with an empty caption, amid good ones
+                writer.write(TokenSample(f"{index:06d}b", codes, "", {}))
+            index += 1
+        write_shard_record(folder, ShardRecord(f"{s:05d}.tar", "src", writer.commit()))
+    merge_manifest(folder, HEADER)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream")
+    write_token_folder(root / "tokens")
+    model = train_tokenizer((caption(i) for i in range(200)), root / "tok.model", 300)
+    return root / "tokens", model
+
+
+def ids(batch) -> list[int]:
+    return (batch["codes"][:, 0] + 256 * batch["codes"][:, 1]).tolist()
+
+
+def take(stream, n):
+    it = iter(stream)
+    return [next(it) for _ in range(n)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_epoch_covers_every_full_batch_once(data, workers):
+    folder, model = data
+    stream = TokenStream(folder, model, TEXT_LEN, StreamConfig(batch_size=4, shuffle_buffer=10, num_workers=workers))
+    length = stream.batches_per_epoch()
+    per_worker = [sum(SHARD_SIZES[i] for i in range(w, 8, max(workers, 1))) // 4 for w in range(max(workers, 1))]
+    assert length == sum(per_worker) if workers else length == sum(SHARD_SIZES) // 4
+    seen = [i for batch in take(stream, length) for i in ids(batch)]
+    assert len(seen) == len(set(seen)) == 4 * length
+    batch = take(stream, 1)[0]
+    assert batch["text"].shape == (4, TEXT_LEN) and batch["mask"].dtype == torch.bool
+    assert batch["codes"].shape == (4, GRID * GRID) and batch["codes"].dtype == torch.long
+
+
+def test_epochs_reshuffle_deterministically(data):
+    folder, model = data
+    config = StreamConfig(batch_size=4, shuffle_buffer=10, num_workers=0, seed=3)
+    first = TokenStream(folder, model, TEXT_LEN, config)
+    n = first.batches_per_epoch()
+    a = [ids(b) for b in take(first, 2 * n)]
+    b = [ids(b) for b in take(TokenStream(folder, model, TEXT_LEN, config), 2 * n)]
+    assert a == b
+    assert a[:n] != a[n:], "each epoch has its own order"
+
+
+@pytest.mark.parametrize("workers, stop_at", [(0, 3), (2, 3), (2, 4), (2, 11)])
+def test_resume_continues_with_the_same_batches(data, workers, stop_at):
+    folder, model = data
+    config = StreamConfig(batch_size=3, shuffle_buffer=6, num_workers=workers, seed=1)
+    straight = take(TokenStream(folder, model, TEXT_LEN, config), stop_at + 8)
+
+    first = TokenStream(folder, model, TEXT_LEN, config)
+    head = take(first, stop_at)
+    state = first.state_dict()
+    resumed = TokenStream(folder, model, TEXT_LEN, config)
+    resumed.load_state_dict(state)
+    tail = take(resumed, 8)
+    for expected, got in zip(straight, head + tail, strict=True):
+        for key in ("text", "mask", "codes"):
+            assert torch.equal(expected[key], got[key])
+
+
+def test_ranks_get_disjoint_samples_and_equal_epochs(data):
+    folder, model = data
+    config = StreamConfig(batch_size=3, shuffle_buffer=5, num_workers=2)
+    streams = [TokenStream(folder, model, TEXT_LEN, config, rank=r, world_size=2) for r in range(2)]
+    lengths = {s.batches_per_epoch() for s in streams}
+    assert len(lengths) == 1
+    per_rank = [{i for b in take(s, s.batches_per_epoch()) for i in ids(b)} for s in streams]
+    assert not per_rank[0] & per_rank[1]
+
+
+def test_truncation_and_rejects_are_counted(tmp_path, data):
+    _, model = data
+    folder = tmp_path / "tokens"
+    write_token_folder(folder, bad=True)  # the manifest counts the bad samples too
+    stream = TokenStream(folder, model, TEXT_LEN, StreamConfig(batch_size=2, shuffle_buffer=0, num_workers=0))
+    take(stream, stream.batches_per_epoch() - 4)  # the last shard's samples may not be reached
+    assert stream.rejects.counts["empty_caption"] >= len(SHARD_SIZES) - 2
+    assert stream.truncated_captions > 0
+
+
+def test_clear_errors_instead_of_hangs(data):
+    folder, model = data
+    with pytest.raises(ValueError, match="8 token shards cannot feed 4 ranks x 3 workers = 12 readers"):
+        TokenStream(folder, model, TEXT_LEN, StreamConfig(num_workers=3), rank=0, world_size=4)
+    with pytest.raises(ValueError, match="made with another dVAE"):
+        TokenStream(folder, model, TEXT_LEN, vae_fingerprint="0" * 64)
+    stream = TokenStream(folder, model, TEXT_LEN, StreamConfig(num_workers=2))
+    with pytest.raises(ValueError, match="same number of workers"):
+        stream.load_state_dict({"epoch": 0, "consumed": [0, 0, 0], "next_worker": 0})
+
+
+def test_resume_counts_each_reject_once(tmp_path, data):
+    _, model = data
+    folder = tmp_path / "tokens"
+    write_token_folder(folder, bad=True)
+    config = StreamConfig(batch_size=3, shuffle_buffer=4, num_workers=2)
+    straight = TokenStream(folder, model, TEXT_LEN, config)
+    take(straight, 9)
+    first = TokenStream(folder, model, TEXT_LEN, config)
+    take(first, 4)
+    resumed = TokenStream(folder, model, TEXT_LEN, config)
+    resumed.load_state_dict(first.state_dict())
+    take(resumed, 5)
+    first.rejects.merge(resumed.rejects)
+    assert first.rejects.counts == straight.rejects.counts and straight.rejects.counts["empty_caption"] > 0
