@@ -19,9 +19,9 @@ def caption(i: int) -> str:
     return " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(1 + i % 12))  # some exceed TEXT_LEN
 
 
-def write_token_folder(folder, bad: bool = False):
+def write_token_folder(folder, bad: bool = False, first_index: int = 0):
     folder.mkdir()
-    dtype, index = codes_dtype(300), 0
+    dtype, index = codes_dtype(300), first_index
     for s, size in enumerate(SHARD_SIZES):
         writer = ShardWriter(folder / f"{s:05d}.tar", dtype)
         for j in range(size):
@@ -139,3 +139,24 @@ def test_resume_counts_each_reject_once(tmp_path, data):
     take(resumed, 5)
     first.rejects.merge(resumed.rejects)
     assert first.rejects.counts == straight.rejects.counts and straight.rejects.counts["empty_caption"] > 0
+
+
+def test_resampled_mode_mixes_sources_by_weight_and_resumes(tmp_path, data):
+    _, model = data
+    write_token_folder(tmp_path / "a")
+    write_token_folder(tmp_path / "b", first_index=1000)
+    spec = f"{tmp_path / 'a'}::0.8,{tmp_path / 'b'}::0.2"
+    config = StreamConfig(batch_size=4, shuffle_buffer=8, num_workers=2, resampled=True, epoch_samples=400)
+    stream = TokenStream(spec, model, TEXT_LEN, config)
+    assert stream.batches_per_epoch() == 100
+    drawn = [i for b in take(stream, 200) for i in ids(b)]
+    share_a = sum(i < 1000 for i in drawn) / len(drawn)
+    assert 0.65 < share_a < 0.95, share_a
+
+    first = TokenStream(spec, model, TEXT_LEN, config)
+    head = take(first, 37)
+    resumed = TokenStream(spec, model, TEXT_LEN, config)
+    resumed.load_state_dict(first.state_dict())
+    assert [ids(b) for b in head + take(resumed, 70)] == [ids(b) for b in take(TokenStream(spec, model, TEXT_LEN, config), 107)]
+    with pytest.raises(ValueError, match="resampled mode only"):
+        TokenStream(spec, model, TEXT_LEN, StreamConfig(num_workers=0))

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import Rejected
 from .manifest import Manifest
+from .shards import parse_sources
 from .tar_reader import RejectCounts, caption_of, iter_shard
 from .token_shards import decode_codes
 from .tokenizer import CaptionTokenizer
@@ -40,6 +41,11 @@ class StreamConfig:
     shuffle_buffer: int = 2_000  # samples mixed across shards by each worker; 0 = no shuffle
     seed: int = 0  # shard order and buffer draws derive from (seed, epoch, rank, worker)
     num_workers: int = 2  # DataLoader worker processes per rank; 0 = read in the training process
+    # Resampled mode: each worker draws shards with replacement, choosing sources by their weights
+    # (``tokens_a::0.7,tokens_b::0.3``); an epoch is then ``epoch_samples`` samples (all ranks
+    # together; default: as many as the sources hold).
+    resampled: bool = False
+    epoch_samples: int | None = None
 
 
 @dataclass
@@ -50,25 +56,77 @@ class StreamState:
 
 
 @dataclass
+class _TokenSource:
+    shards: list[tuple[str, int]]  # (path, samples per the manifest)
+    weight: float
+
+
+@dataclass
 class _WorkerPlan:
-    shards: list[str]
-    batches: int  # full batches its shards hold, per the manifest
+    shards: "list[str] | _ShardSampler"  # what the worker reads, in order
+    batches: int  # full batches it can give this epoch
 
 
-def _epoch_plans(manifest: Manifest, folder: Path, epoch: int, seed: int, rank: int, world: int,
-                 workers: int, batch_size: int) -> tuple[list[_WorkerPlan], int]:
-    """This rank's logical workers' shards for ``epoch``, and the epoch length in batches
-    (the same on every rank: the smallest rank's)."""
-    order = list(manifest.shards)
-    random.Random(f"{seed}/{epoch}").shuffle(order)  # identical on all ranks
+class _ShardSampler:
+    """An endless, seeded sequence of shards drawn with replacement: a source by weight, then a
+    shard of it in proportion to its samples."""
+
+    def __init__(self, sources: list[_TokenSource], seed: str):
+        self.sources, self.seed = sources, seed
+
+    def __iter__(self):
+        rng = random.Random(self.seed)
+        weights = [s.weight for s in self.sources]
+        while True:
+            source = rng.choices(self.sources, weights)[0]
+            yield rng.choices([p for p, _ in source.shards], [n for _, n in source.shards])[0]
+
+
+def _epoch_plans(sources: list[_TokenSource], config: StreamConfig, epoch: int, rank: int, world: int,
+                 workers: int) -> tuple[list[_WorkerPlan], int]:
+    """This rank's logical workers' plans for ``epoch``, and the epoch length in batches: the
+    same on every rank (in finite mode the smallest rank's)."""
+    if config.resampled:
+        total = config.epoch_samples or sum(n for s in sources for _, n in s.shards)
+        length = total // (world * config.batch_size)
+        seeds = [f"{config.seed}/{epoch}/{rank}/{w}/shards" for w in range(workers)]
+        return [_WorkerPlan(_ShardSampler(sources, seed), length) for seed in seeds], length
+    order = [shard for source in sources for shard in source.shards]
+    random.Random(f"{config.seed}/{epoch}").shuffle(order)  # identical on all ranks
 
     def plans_of(r):
         mine = order[r::world]
-        return [_WorkerPlan([str(folder / s.name) for s in mine[w::workers]],
-                            sum(s.samples for s in mine[w::workers]) // batch_size) for w in range(workers)]
+        return [_WorkerPlan([p for p, _ in mine[w::workers]], sum(n for _, n in mine[w::workers]) // config.batch_size)
+                for w in range(workers)]
 
     length = min(sum(p.batches for p in plans_of(r)) for r in range(world))
     return plans_of(rank), length
+
+
+def _load_sources(data: str, vae_fingerprint: str | None) -> tuple[list[_TokenSource], Manifest]:
+    """Token-shard folders (``a`` or ``a::0.7,b::0.3``) -> sources with their manifests' counts;
+    all folders must come from one dVAE: the model's, when its fingerprint is given."""
+    manifests: dict[Path, Manifest] = {}
+    sources = []
+    for source in parse_sources(data):
+        shards = []
+        for path in map(Path, source.paths):
+            if path.parent not in manifests:
+                manifests[path.parent] = Manifest.load(path.parent)
+            counts = {s.name: s.samples for s in manifests[path.parent].shards}
+            if path.name in counts:  # else not a finished token shard (one being written, say)
+                shards.append((str(path), counts[path.name]))
+        sources.append(_TokenSource(shards, source.weight))
+    if not any(s.shards for s in sources):
+        raise ValueError(f"{data} holds no finished token shards")
+    expected = vae_fingerprint or next(iter(manifests.values())).vae_fingerprint
+    for folder, manifest in manifests.items():
+        if manifest.vae_fingerprint != expected:
+            whose = "this model's VAE" if vae_fingerprint else "the other token shards"
+            raise ValueError(f"the token shards in {folder} were made with another dVAE "
+                             f"({manifest.vae_fingerprint[:12]}) than {whose} ({expected[:12]}); pretokenize "
+                             f"with the model's VAE, or train with the VAE the shards came from")
+    return sources, next(iter(manifests.values()))
 
 
 class _EpochDataset(IterableDataset):
@@ -137,22 +195,20 @@ class TokenStream:
     """Batches of {text (b, T) ids, mask (b, T), codes (b, N)} from a token-shard folder, epoch
     after epoch, for one rank. ``state_dict()`` / ``load_state_dict()`` resume it exactly."""
 
-    def __init__(self, folder, tokenizer_path, text_seq_len: int, config: StreamConfig | None = None, *,
+    def __init__(self, data, tokenizer_path, text_seq_len: int, config: StreamConfig | None = None, *,
                  rank: int = 0, world_size: int = 1, vae_fingerprint: str | None = None):
-        self.folder, self.tokenizer_path = Path(folder), str(tokenizer_path)
-        self.text_seq_len, self.config = text_seq_len, config or StreamConfig()
-        self.rank, self.world_size = rank, world_size
-        self.manifest = Manifest.load(self.folder)
-        if vae_fingerprint is not None and self.manifest.vae_fingerprint != vae_fingerprint:
-            raise ValueError(f"the token shards in {folder} were made with another dVAE "
-                             f"({self.manifest.vae_fingerprint[:12]}) than this model's ({vae_fingerprint[:12]}); "
-                             f"pretokenize with the model's VAE or train with the VAE the shards came from")
+        """data: a token-shard folder, or weighted folders ``a::0.7,b::0.3`` (resampled mode)."""
+        self.tokenizer_path, self.text_seq_len = str(tokenizer_path), text_seq_len
+        self.config, self.rank, self.world_size = config or StreamConfig(), rank, world_size
+        self.sources, self.manifest = _load_sources(str(data), vae_fingerprint)
+        if not self.config.resampled and len({s.weight for s in self.sources}) > 1:
+            raise ValueError("source weights mix sources in resampled mode only; set resampled=True")
         self.workers = max(1, self.config.num_workers)
-        feeders = world_size * self.workers
-        if len(self.manifest.shards) < feeders:
-            raise ValueError(f"{len(self.manifest.shards)} token shards cannot feed {world_size} ranks x "
-                             f"{self.workers} workers = {feeders} readers; use fewer data workers or "
-                             f"pretokenize into more, smaller shards")
+        feeders, num_shards = world_size * self.workers, sum(len(s.shards) for s in self.sources)
+        if not self.config.resampled and num_shards < feeders:
+            raise ValueError(f"{num_shards} token shards cannot feed {world_size} ranks x "
+                             f"{self.workers} workers = {feeders} readers; use fewer data workers, "
+                             f"resampled mode, or pretokenize into more, smaller shards")
         self.state = StreamState(consumed=[0] * self.workers)
         self.rejects = RejectCounts()
         self.truncated_captions = 0
@@ -162,8 +218,7 @@ class TokenStream:
         return self._plans(self.state.epoch if epoch is None else epoch)[1]
 
     def _plans(self, epoch: int):
-        return _epoch_plans(self.manifest, self.folder, epoch, self.config.seed, self.rank, self.world_size,
-                            self.workers, self.config.batch_size)
+        return _epoch_plans(self.sources, self.config, epoch, self.rank, self.world_size, self.workers)
 
     def state_dict(self) -> dict:
         return {"epoch": self.state.epoch, "consumed": list(self.state.consumed),
@@ -179,14 +234,14 @@ class TokenStream:
         while True:
             plans, length = self._plans(self.state.epoch)
             if length == 0:
-                raise ValueError(f"rank {self.rank} gets less than one batch of {self.config.batch_size} per epoch "
-                                 f"from {self.folder}; use a smaller batch or more data")
+                raise ValueError(f"rank {self.rank} gets less than one batch of {self.config.batch_size} per epoch; "
+                                 f"use a smaller batch or more data")
             batches = iter(self._loader(plans))
             while sum(self.state.consumed) < length:
                 batch = next(batches, None)
                 if batch is None:
-                    raise ValueError(f"rank {self.rank} ran out of samples in epoch {self.state.epoch}: the shards "
-                                     f"in {self.folder} hold fewer than their manifest says; pretokenize them again")
+                    raise ValueError(f"rank {self.rank} ran out of samples in epoch {self.state.epoch}: token "
+                                     f"shards hold fewer samples than their manifest says; pretokenize them again")
                 yield self._account(batch)
             del batches  # stop the workers before the next epoch's start
             self.state = StreamState(self.state.epoch + 1, [0] * self.workers, 0)
