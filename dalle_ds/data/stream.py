@@ -187,8 +187,15 @@ class _EpochDataset(IterableDataset):
     def _collate(self, batch, tokenizer: CaptionTokenizer, logical: int, rejects: RejectCounts) -> dict:
         codes = np.stack([decode_codes(c, self.dtype, self.codes_per_image) for c, _ in batch])
         text = tokenizer.encode([caption for _, caption in batch], self.text_seq_len)
-        return {"text": text.ids, "mask": text.mask, "codes": torch.from_numpy(codes.astype(np.int64)),
+        # numpy arrays, not tensors, cross the worker boundary: pickled through the pipe they
+        # cost less than a shared-memory file per tensor; _account wraps them without a copy
+        return {"text": text.ids.numpy(), "mask": text.mask.numpy(), "codes": codes.astype(np.int64),
                 "truncated": text.truncated, "rejects": rejects.as_dict()["counts"], "worker": logical}
+
+
+def _as_is(batch):
+    """DataLoader's default would turn our numpy arrays into tensors inside the worker."""
+    return batch
 
 
 class TokenStream:
@@ -249,7 +256,7 @@ class TokenStream:
     def _loader(self, plans) -> DataLoader:
         dataset = _EpochDataset(self, plans, StreamState(self.state.epoch, list(self.state.consumed),
                                                          self.state.next_worker))
-        return DataLoader(dataset, batch_size=None, num_workers=self.config.num_workers,
+        return DataLoader(dataset, batch_size=None, num_workers=self.config.num_workers, collate_fn=_as_is,
                           persistent_workers=False, prefetch_factor=4 if self.config.num_workers else None)
 
     def _account(self, batch: dict) -> dict:
@@ -258,5 +265,5 @@ class TokenStream:
         self.state.next_worker = (worker + 1) % self.workers
         self.rejects.merge({"counts": batch.pop("rejects"), "records": []})
         self.truncated_captions += batch.pop("truncated")
-        return batch
+        return {name: torch.from_numpy(array) for name, array in batch.items()}
 
