@@ -1,4 +1,5 @@
-"""The README's Python examples run as shown, in order, in one namespace."""
+"""The README's Python examples (```python blocks) run as shown, in order, in one namespace.
+Fragments that need data on disk are ```py blocks; tests/test_stream.py runs the same calls."""
 
 import re
 from pathlib import Path
