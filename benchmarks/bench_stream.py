@@ -13,7 +13,7 @@ import numpy as np
 import common
 from dalle_ds.data.manifest import ShardRecord, merge_manifest, write_shard_record
 from dalle_ds.data.stream import StreamConfig, TokenStream
-from dalle_ds.data.token_shards import ShardWriter, TokenSample, codes_dtype
+from dalle_ds.data.token_shards import TokenSample, TokenShardWriter, codes_dtype
 from dalle_ds.data.tokenizer import train_tokenizer
 
 NUM_SHARDS, PER_SHARD, GRID, NUM_CODES, TEXT_LEN, BATCH = 8, 2_500, 32, 8192, 64, 64
@@ -28,7 +28,7 @@ def caption(rng) -> str:
 def write_folder(folder: Path) -> None:
     rng, dtype = np.random.default_rng(0), codes_dtype(NUM_CODES)
     for s in range(NUM_SHARDS):
-        writer = ShardWriter(folder / f"{s:05d}.tar", dtype)
+        writer = TokenShardWriter(folder / f"{s:05d}.tar", dtype)
         for i in range(PER_SHARD):
             writer.write(TokenSample(f"{s:05d}{i:05d}", rng.integers(0, NUM_CODES, GRID * GRID), caption(rng),
                                      {"source_key": f"{i}", "source_shard": f"{s}.tar"}))

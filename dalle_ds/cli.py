@@ -10,6 +10,18 @@ import argparse
 import sys
 
 
+def _shards(spec) -> list[str]:
+    """Expands --data; says which shards of a brace pattern are missing (img2dataset leaves out
+    shards that failed) rather than failing on them."""
+    from .data.shards import expand_shards
+
+    found = expand_shards(spec)
+    if found.missing:
+        print(f"note: {len(found.missing)} shards of the pattern do not exist (e.g. {found.missing[0]}); "
+              f"using the {len(found.paths)} that do", file=sys.stderr)
+    return found.paths
+
+
 def _add_prep_folder(sub):
     p = sub.add_parser("prep-folder", help="a folder of images + same-named .txt captions -> img2dataset-layout shards")
     p.add_argument("--src", required=True, help="folder with image files and a .txt caption beside each")
@@ -30,7 +42,8 @@ def _add_train_tokenizer(sub):
                    help="shards: brace pattern (data/{00000..00099}.tar), glob, folder or tar paths")
     p.add_argument("--out", required=True, help="the .model file to write")
     p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size (pad id 0 included)")
-    p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe", help="sentencepiece algorithm (default bpe)")
+    p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe",
+                   help="sentencepiece algorithm (default bpe)")
     p.add_argument("--max-captions", type=int, default=1_000_000,
                    help="train on at most this many captions, the first ones in shard order (default 1000000)")
     p.add_argument("--no-byte-fallback", action="store_true",
@@ -39,11 +52,10 @@ def _add_train_tokenizer(sub):
 
 
 def _run_train_tokenizer(args):
-    from .data.shards import expand_shards
     from .data.tar_reader import iter_captions
     from .data.tokenizer import train_tokenizer
 
-    shards = expand_shards(args.data).paths
+    shards = _shards(args.data)
     path = train_tokenizer(iter_captions(shards), args.out, args.vocab_size, model_type=args.model_type,
                            byte_fallback=not args.no_byte_fallback, max_captions=args.max_captions)
     return f"train-tokenizer: wrote {path} (vocab {args.vocab_size}, {args.model_type}) from {len(shards)} shards"
@@ -68,13 +80,13 @@ def _run_pretokenize(args):
     import torch
 
     from .data.pretokenize import pretokenize
-    from .data.shards import default_job_partition, expand_shards
+    from .data.shards import default_job_partition
     from .models.vae import DiscreteVAE
 
     index, count = default_job_partition()
     job_index = index if args.job_index is None else args.job_index
     num_jobs = count if args.num_jobs is None else args.num_jobs
-    shards = expand_shards(args.data).paths  # before loading the VAE: a bad pattern fails fast
+    shards = _shards(args.data)  # before loading the VAE: a bad pattern fails fast
     vae = DiscreteVAE.from_pretrained(args.vae)
     summary = pretokenize(shards, vae, args.out, job_index=job_index, num_jobs=num_jobs,
                           batch_size=args.batch_size, device=torch.device(args.device) if args.device else None,
@@ -114,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         print(args.run(args))
-    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+    except (ValueError, OSError) as error:  # user mistakes and unusable files: one line, no traceback
         print(f"dalle-ds {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -70,3 +70,10 @@ def test_console_script_and_data_prep_entry_points_run():
     for cmd in ([str(console_script), "pretokenize", "--help"], [sys.executable, str(data_prep), "--help"]):
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         assert "--job-index" in out and "--num-jobs" in out
+
+
+def test_prep_folder_refuses_a_used_output_folder(image_folder, tmp_path, capsys):
+    out = tmp_path / "shards"
+    assert main(["prep-folder", "--src", str(image_folder), "--out", str(out)]) == 0
+    assert main(["prep-folder", "--src", str(image_folder), "--out", str(out)]) == 2
+    assert "is not empty" in capsys.readouterr().err

@@ -160,3 +160,19 @@ def test_reject_counts_merge_and_pickle():
     assert a.as_dict()["counts"] == {"missing_image": 3, "empty_caption": 2}
     assert a.as_dict()["records"] == [("k3", "s2", "empty_caption"), ("k2", "s2", "missing_image"),
                                       ("k3", "s2", "empty_caption")]
+
+
+def test_absurd_member_sizes_are_counted_not_raised(tmp_path, monkeypatch):
+    path = write_tar(tmp_path / "s.tar", img2dataset_members(3))
+    data = bytearray(open(path, "rb").read())
+    header = member_offsets(path)[3][0]  # the second sample's image header
+    data[header + 124:header + 136] = b"\x80" + (1 << 80).to_bytes(11, "big")  # base-256 size
+    data[header + 148:header + 156] = b"        "
+    data[header + 148:header + 155] = f"{sum(data[header:header + 512]):06o}\0".encode()
+    (tmp_path / "huge.tar").write_bytes(bytes(data))
+    samples, counts = read(tmp_path / "huge.tar")
+    assert [s.key for s in samples] == ["000000000"] and sum(counts.values()) >= 1
+
+    monkeypatch.setattr("dalle_ds.data.tar_reader.MAX_MEMBER_BYTES", 500)
+    samples, counts = read(path)
+    assert counts["member_too_large"] == 3 and all("jpg" not in s.files for s in samples)

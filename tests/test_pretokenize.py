@@ -58,15 +58,30 @@ def test_rerun_skips_finished_shards_and_finishes_interrupted_ones(corpus, tmp_p
     vae, out = tiny_vae(), tmp_path / "tok"
     run(corpus, vae, out)
     before = {p.name: p.read_bytes() for p in out.glob("*.tar")}
-    # a job killed mid-shard leaves a .tmp; one killed before its sidecar leaves an unmarked shard
+    # a job killed mid-shard leaves only its temporary; one killed before its sidecar leaves an
+    # unmarked shard; a crash while writing a sidecar can leave it empty
     (out / "00002.tar.stats.json").unlink()
-    (out / "00002.tar").rename(out / "00002.tar.tmp")
+    (out / "00002.tar").rename(out / ".00002.tar.4242.0123456789ab.tmp")
     (out / "00003.tar.stats.json").unlink()
+    (out / "00001.tar.stats.json").write_text("")
     summary = run(corpus, vae, out)
-    assert (summary.shards_skipped, summary.shards_written) == (2, 2)
+    assert (summary.shards_skipped, summary.shards_written) == (1, 3)
     assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == before
-    assert not list(out.glob("*.tmp"))
     assert Manifest.load(out).total_samples == 17
+
+
+def test_shards_from_damaged_input_are_used_and_retried(tmp_path):
+    good = write_shard(tmp_path / "00000.tar", [good_sample(i) for i in range(3)])
+    whole = good.read_bytes()
+    good.write_bytes(whole[: len(whole) // 3])  # e.g. a download cut short
+    out, vae = tmp_path / "tok", tiny_vae()
+    first = run([str(good)], vae, out)
+    assert first.shards_incomplete == 1 and "rerun to retry" in first.line()
+    assert Manifest.load(out).shards[0].complete is False
+    good.write_bytes(whole)  # the input is whole again
+    second = run([str(good)], vae, out)
+    assert (second.shards_written, second.shards_incomplete) == (1, 0)
+    assert Manifest.load(out).total_samples == 3
 
 
 def test_jobs_on_disjoint_halves_write_exactly_what_one_job_writes(corpus, tmp_path):
@@ -101,3 +116,13 @@ def test_unreadable_shards_are_counted_not_fatal(tmp_path):
     manifest = Manifest.load(tmp_path / "tok")
     assert {s.name: s.samples for s in manifest.shards}["good.tar"] == 3
     assert {s.name: s.samples for s in manifest.shards}["cut.tar"] == 2
+
+
+@pytest.mark.parametrize("shard, name", [
+    ("data/00001.tar", "00001.tar"), ("pipe:aws s3 cp s3://bucket/x/00002.tar -", "00002.tar"),
+    ("https://host/x/00003.tar?sig=abc", "00003.tar"), ("/data/shard-7", "shard-7.tar"),
+])
+def test_output_names_follow_the_input_shard(shard, name):
+    from dalle_ds.data.pretokenize import output_name
+
+    assert output_name(shard) == name

@@ -12,25 +12,22 @@ from PIL import Image, ImageDraw
 
 from ..models.pretrained import model_fingerprint
 from ..models.vae import DiscreteVAE
-from .manifest import Manifest
-from .tar_reader import RejectCounts, iter_shard
+from .errors import Rejected
+from .manifest import Manifest, check_vae_fingerprint
+from .tar_reader import RejectCounts, caption_of, iter_shard
 from .token_shards import decode_codes
 
 
-def check_fingerprint(manifest: Manifest, vae: DiscreteVAE, folder) -> None:
-    if manifest.vae_fingerprint != model_fingerprint(vae):
-        raise ValueError(f"the token shards in {folder} were made with another dVAE "
-                         f"({manifest.vae_fingerprint[:12]}); use the VAE they were made with, "
-                         f"or pretokenize again with this one ({model_fingerprint(vae)[:12]})")
-
-
 def read_token_samples(folder, manifest: Manifest, limit: int):
-    """First ``limit`` (codes, caption) pairs of the folder, in manifest order."""
+    """First ``limit`` good (codes, caption) pairs of the folder, in manifest order."""
     dtype, n = np.dtype(manifest.codes_dtype), manifest.grid_size**2
-    found = []
+    found, rejects = [], RejectCounts()
     for record in manifest.shards:
-        for sample in iter_shard(str(Path(folder) / record.name), RejectCounts()):
-            found.append((decode_codes(sample.files["codes"], dtype, n), sample.files["txt"].decode("utf-8")))
+        for sample in iter_shard(str(Path(folder) / record.name), rejects):
+            try:
+                found.append((decode_codes(sample.files.get("codes", b""), dtype, n), caption_of(sample)))
+            except (Rejected, ValueError):
+                continue  # decode-check shows what decodes; the stream counts the rest
             if len(found) == limit:
                 return found
     return found
@@ -55,7 +52,7 @@ def caption_grid(images: torch.Tensor, captions: list[str], columns: int = 4) ->
 @torch.inference_mode()
 def decode_check(folder, vae: DiscreteVAE, out_png, num_samples: int = 16) -> int:
     manifest = Manifest.load(folder)
-    check_fingerprint(manifest, vae, folder)
+    check_vae_fingerprint(manifest.vae_fingerprint, model_fingerprint(vae), folder, "this VAE")
     samples = read_token_samples(folder, manifest, num_samples)
     if not samples:
         raise ValueError(f"{folder} holds no samples to decode")

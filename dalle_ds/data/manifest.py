@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
+import logging
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from ..files import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 STATS_SUFFIX = ".stats.json"
@@ -26,6 +30,8 @@ class ShardRecord:
     source: str  # the input shard it came from
     samples: int
     rejects: dict[str, int] = field(default_factory=dict)  # reason -> count
+    bytes: int = 0  # the shard file's size: readers check it before trusting ``samples``
+    complete: bool = True  # False: the input could not be read whole; a rerun tries it again
 
 
 @dataclass
@@ -49,9 +55,6 @@ class Manifest:
             total.update(s.rejects)
         return dict(sorted(total.items()))
 
-    def header(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "shards"}
-
     @classmethod
     def load(cls, folder) -> "Manifest":
         path = Path(folder) / MANIFEST
@@ -66,23 +69,33 @@ class Manifest:
         return cls(**data)
 
 
-def _atomic_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+def _write_json(path: Path, data) -> None:
+    atomic_write_bytes(path, json.dumps(data, indent=2, sort_keys=True).encode())
 
 
 def write_shard_record(folder, record: ShardRecord) -> None:
-    _atomic_json(Path(folder) / (record.name + STATS_SUFFIX), asdict(record))
+    _write_json(Path(folder) / (record.name + STATS_SUFFIX), asdict(record))
 
 
 def finished_shards(folder) -> dict[str, ShardRecord]:
-    """Output shard name -> its record, for every shard whose sidecar exists."""
+    """Output shard name -> its record, for every shard whose sidecar exists and reads back."""
     records = {}
     for path in sorted(Path(folder).glob("*" + STATS_SUFFIX)):
-        record = ShardRecord(**json.loads(path.read_text()))
+        try:
+            record = ShardRecord(**json.loads(path.read_text()))
+        except (ValueError, TypeError) as error:  # e.g. emptied by a crash: redo that shard
+            logger.warning("ignoring unreadable %s (%s); its shard will be redone", path, error)
+            continue
         records[record.name] = record
     return records
+
+
+def check_vae_fingerprint(found: str, expected: str, where, whose: str,
+                          fix: str = "use the VAE the shards came from, or pretokenize again") -> None:
+    """Token shards only make sense with the dVAE that wrote them."""
+    if found != expected:
+        raise ValueError(f"the token shards in {where} were made with another dVAE ({found[:12]}) than "
+                         f"{whose} ({expected[:12]}); {fix}")
 
 
 def merge_manifest(folder, header: dict) -> Manifest:
@@ -93,12 +106,9 @@ def merge_manifest(folder, header: dict) -> Manifest:
         fcntl.flock(lock, fcntl.LOCK_EX)
         existing = folder / MANIFEST
         if existing.is_file():
-            old = Manifest.load(folder)
-            if old.vae_fingerprint != header["vae_fingerprint"]:
-                raise ValueError(f"{folder} holds token shards made with another dVAE "
-                                 f"({old.vae_fingerprint[:12]} vs {header['vae_fingerprint'][:12]}); "
-                                 f"write to a new folder")
+            check_vae_fingerprint(Manifest.load(folder).vae_fingerprint, header["vae_fingerprint"], folder,
+                                  "this job's VAE", fix="write to a new folder")
         manifest = Manifest(**{**header, "shards": list(finished_shards(folder).values())})
-        _atomic_json(existing, {**asdict(manifest), "total_samples": manifest.total_samples,
-                                "total_rejects": manifest.rejects})
+        _write_json(existing, {**asdict(manifest), "total_samples": manifest.total_samples,
+                               "total_rejects": manifest.rejects})
     return manifest

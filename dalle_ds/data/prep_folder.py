@@ -8,16 +8,13 @@ img2dataset's.
 
 from __future__ import annotations
 
-import io
 import json
-import os
-import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
+from .tar_reader import IMAGE_EXTENSIONS
+from .token_shards import ShardWriter
 
 @dataclass
 class PrepSummary:
@@ -32,18 +29,13 @@ class PrepSummary:
 
 def _pairs(src: Path, summary: PrepSummary):
     """(image path, caption) for every image with a caption file beside it, sorted by path."""
-    for image in sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+    images = sorted(p for p in src.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and p.is_file())
+    for image in images:
         caption_file = image.with_suffix(".txt")
         if not caption_file.is_file():
             summary.skipped["missing_caption"] += 1
             continue
         yield image, caption_file.read_bytes()
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    tar.addfile(info, io.BytesIO(data))
 
 
 def prep_folder(src, out, samples_per_shard: int = 10_000) -> PrepSummary:
@@ -52,28 +44,23 @@ def prep_folder(src, out, samples_per_shard: int = 10_000) -> PrepSummary:
         raise ValueError(f"--src {src} is not a folder")
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {out} is not empty: shards left from an earlier run would be read twice; "
+                         f"give an empty or new folder")
     out.mkdir(parents=True, exist_ok=True)
-    summary = PrepSummary()
-    tar, tmp = None, None
-
-    def close():
-        tar.close()
-        os.replace(tmp, tmp.with_suffix(""))  # "00000.tar.tmp" -> "00000.tar"
-        summary.shards += 1
-
+    summary, writer = PrepSummary(), None
     for image, caption in _pairs(src, summary):
         if summary.samples % samples_per_shard == 0:
-            if tar is not None:
-                close()
-            tmp = out / f"{summary.shards:05d}.tar.tmp"
-            tar = tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT)
+            if writer is not None:
+                writer.commit()
+            writer = ShardWriter(out / f"{summary.shards:05d}.tar")
+            summary.shards += 1
         key = f"{summary.samples:09d}"
-        _add(tar, f"{key}{image.suffix.lower()}", image.read_bytes())
-        _add(tar, f"{key}.txt", caption)
-        _add(tar, f"{key}.json", json.dumps({"key": key, "source": str(image.relative_to(src))}).encode())
+        writer.add(f"{key}{image.suffix.lower()}", image.read_bytes())
+        writer.add(f"{key}.txt", caption)
+        writer.add(f"{key}.json", json.dumps({"key": key, "source": str(image.relative_to(src))}).encode())
         summary.samples += 1
-    if tar is not None:
-        close()
-    if summary.samples == 0:
+    if writer is None:
         raise ValueError(f"{src} has no images with a same-named .txt caption beside them")
+    writer.commit()
     return summary

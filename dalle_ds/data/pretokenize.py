@@ -25,13 +25,14 @@ from .images import decode_image, images_to_float
 from .manifest import ShardRecord, finished_shards, merge_manifest, write_shard_record
 from .shards import split_for_job
 from .tar_reader import RejectCounts, image_and_caption, iter_shard
-from .token_shards import ShardWriter, TokenSample, codes_dtype
+from .token_shards import TokenSample, TokenShardWriter, codes_dtype
 
 
 @dataclass
 class PretokenizeSummary:
     shards_written: int = 0
     shards_skipped: int = 0  # already done by an earlier run or another job
+    shards_incomplete: int = 0  # input unreadable or cut short: written as far as it went, retried on rerun
     samples: int = 0
     rejects: Counter = field(default_factory=Counter)
     seconds: float = 0.0
@@ -40,17 +41,26 @@ class PretokenizeSummary:
     def line(self) -> str:
         rate = self.samples / self.seconds if self.seconds else 0.0
         rejects = ", ".join(f"{k} {v}" for k, v in sorted(self.rejects.items())) or "none"
-        return (f"pretokenize: {self.shards_written} shards written, {self.shards_skipped} already done, "
+        retry = f" ({self.shards_incomplete} from damaged input: rerun to retry them)" if self.shards_incomplete else ""
+        return (f"pretokenize: {self.shards_written} shards written{retry}, {self.shards_skipped} already done, "
                 f"{self.samples} samples ({rate:.0f}/s), rejected: {rejects}; "
                 f"folder now holds {self.total_samples_in_folder} samples")
 
 
+_INPUT_DAMAGE = {"unreadable_shard", "truncated_shard"}  # may be passing trouble (a remote outage)
+
+
+def output_name(shard: str) -> str:
+    """The output file name for an input shard: its base name, as a .tar. For remote specs it
+    is the last path-like token (``pipe:aws s3 cp s3://b/00001.tar -`` -> ``00001.tar``)."""
+    tokens = [t for t in shard.split() if "/" in t or t.endswith(".tar")] or [shard]
+    base = tokens[-1].split("?")[0].split("#")[0].rstrip("/").rsplit("/", 1)[-1]
+    return base if base.endswith(".tar") else base + ".tar"
+
+
 def output_names(shards: list[str]) -> dict[str, str]:
-    """Input shard -> output shard file name (its basename, as a .tar)."""
-    names = {}
-    for shard in shards:
-        name = Path(shard).name
-        names[shard] = name if name.endswith(".tar") else name + ".tar"
+    """Input shard -> output shard file name; names must not clash."""
+    names = {shard: output_name(shard) for shard in shards}
     clashes = [n for n, c in Counter(names.values()).items() if c > 1]
     if clashes:
         raise ValueError(f"input shards from different folders share the name {clashes[0]!r}; "
@@ -86,7 +96,7 @@ def pretokenize_shard(source: str, out_path: Path, encoder: _Encoder, batch_size
     """Writes one token shard; returns its record. Bad samples are skipped and counted."""
     rejects = RejectCounts()
     dtype = codes_dtype(encoder.vae.num_tokens)
-    writer = ShardWriter(out_path, dtype)
+    writer = TokenShardWriter(out_path, dtype)
     pending: list[tuple[str, torch.Tensor, str]] = []
 
     def flush():
@@ -115,7 +125,9 @@ def pretokenize_shard(source: str, out_path: Path, encoder: _Encoder, batch_size
         writer.abort()
         raise
     _write_rejects_log(out_path, rejects)
-    return ShardRecord(name=out_path.name, source=str(source), samples=count, rejects=rejects.as_dict()["counts"])
+    counts = rejects.as_dict()["counts"]
+    return ShardRecord(name=out_path.name, source=str(source), samples=count, rejects=counts,
+                       bytes=out_path.stat().st_size, complete=not set(counts) & _INPUT_DAMAGE)
 
 
 def _write_rejects_log(out_path: Path, rejects: RejectCounts) -> None:
@@ -141,12 +153,13 @@ def pretokenize(shards: list[str], vae: DiscreteVAE, out_dir, *, job_index: int 
     bar = _progress_bar(progress)
     try:
         for source in split_for_job(shards, job_index, num_jobs):
-            if names[source] in done:
+            if names[source] in done and done[names[source]].complete:
                 summary.shards_skipped += 1
                 continue
             record = pretokenize_shard(source, out / names[source], encoder, batch_size, bar)
             write_shard_record(out, record)
             summary.shards_written += 1
+            summary.shards_incomplete += not record.complete
             summary.samples += record.samples
             summary.rejects.update(record.rejects)
     finally:

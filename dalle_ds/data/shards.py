@@ -26,7 +26,7 @@ import math
 import numbers
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from braceexpand import UnbalancedBracesError, braceexpand
 
@@ -45,7 +45,7 @@ class ShardList:
 @dataclass
 class Source:
     paths: list[str]
-    weight: float  # relative sampling weight; see normalize_weights
+    weight: float  # relative sampling weight (random.choices normalises them)
     missing: list[str] = field(default_factory=list)
 
 
@@ -76,14 +76,6 @@ def parse_sources(spec: str) -> list[Source]:
         found = _expand_pattern(pattern.strip())
         sources.append(Source(found.paths, _parse_weight(weight_text, part), found.missing))
     return sources
-
-
-def normalize_weights(sources: Sequence[Source]) -> list[Source]:
-    """Copies of ``sources`` whose weights sum to 1: the probability of drawing from each."""
-    total = sum(s.weight for s in sources)
-    if not sources or total <= 0:
-        raise ValueError("need at least one source with a positive weight")
-    return [replace(s, weight=s.weight / total) for s in sources]
 
 
 def split_for_job(paths: Sequence[str], job_index: int, num_jobs: int) -> list[str]:

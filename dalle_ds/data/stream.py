@@ -19,6 +19,9 @@ manifest), so distributed steps never wait on a rank that has run dry.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import Rejected
-from .manifest import Manifest
+from .manifest import Manifest, ShardRecord, check_vae_fingerprint
 from .shards import parse_sources
 from .tar_reader import RejectCounts, caption_of, iter_shard
 from .token_shards import decode_codes
@@ -113,20 +116,27 @@ def _load_sources(data: str, vae_fingerprint: str | None) -> tuple[list[_TokenSo
         for path in map(Path, source.paths):
             if path.parent not in manifests:
                 manifests[path.parent] = Manifest.load(path.parent)
-            counts = {s.name: s.samples for s in manifests[path.parent].shards}
-            if path.name in counts:  # else not a finished token shard (one being written, say)
-                shards.append((str(path), counts[path.name]))
+            record = next((r for r in manifests[path.parent].shards if r.name == path.name), None)
+            if record is not None and record.samples > 0:  # else empty, or not finished (being written)
+                _check_size(path, record)
+                shards.append((str(path), record.samples))
+        if not shards:
+            raise ValueError(f"source {source.paths[0] if source.paths else data!r} holds no token samples")
         sources.append(_TokenSource(shards, source.weight))
-    if not any(s.shards for s in sources):
-        raise ValueError(f"{data} holds no finished token shards")
     expected = vae_fingerprint or next(iter(manifests.values())).vae_fingerprint
+    whose = "this model's VAE" if vae_fingerprint else "the other token shards"
     for folder, manifest in manifests.items():
-        if manifest.vae_fingerprint != expected:
-            whose = "this model's VAE" if vae_fingerprint else "the other token shards"
-            raise ValueError(f"the token shards in {folder} were made with another dVAE "
-                             f"({manifest.vae_fingerprint[:12]}) than {whose} ({expected[:12]}); pretokenize "
-                             f"with the model's VAE, or train with the VAE the shards came from")
+        check_vae_fingerprint(manifest.vae_fingerprint, expected, folder, whose)
     return sources, next(iter(manifests.values()))
+
+
+def _check_size(path: Path, record: ShardRecord) -> None:
+    """Every rank checks every shard, so a damaged one stops all ranks alike, before training:
+    a rank that ran dry mid-epoch would leave the others waiting on it."""
+    size = path.stat().st_size if path.exists() else -1
+    if record.bytes and size != record.bytes:
+        raise ValueError(f"token shard {path} is {size} bytes, its manifest says {record.bytes}: it was damaged "
+                         f"or replaced; delete it and its .stats.json and run pretokenize again")
 
 
 class _EpochDataset(IterableDataset):
@@ -161,11 +171,17 @@ class _EpochDataset(IterableDataset):
         for shard in self.plans[logical].shards:
             for raw in iter_shard(shard, rejects):
                 try:
-                    if "codes" not in raw.files:
-                        raise Rejected("missing_codes")
-                    yield raw.files["codes"], caption_of(raw)
+                    yield self._codes(raw), caption_of(raw)
                 except Rejected as rejected:
                     rejects.add(rejected.reason, raw.key, shard)
+
+    def _codes(self, raw) -> np.ndarray:
+        if "codes" not in raw.files:
+            raise Rejected("missing_codes")
+        try:
+            return decode_codes(raw.files["codes"], self.dtype, self.codes_per_image)
+        except ValueError as error:
+            raise Rejected("bad_codes", str(error)) from None
 
     def _shuffled(self, logical: int, rejects: RejectCounts):
         size = self.config.shuffle_buffer
@@ -185,12 +201,20 @@ class _EpochDataset(IterableDataset):
         yield from buffer
 
     def _collate(self, batch, tokenizer: CaptionTokenizer, logical: int, rejects: RejectCounts) -> dict:
-        codes = np.stack([decode_codes(c, self.dtype, self.codes_per_image) for c, _ in batch])
+        codes = np.stack([c for c, _ in batch])
         text = tokenizer.encode([caption for _, caption in batch], self.text_seq_len)
         # numpy arrays, not tensors, cross the worker boundary: pickled through the pipe they
         # cost less than a shared-memory file per tensor; _account wraps them without a copy
         return {"text": text.ids.numpy(), "mask": text.mask.numpy(), "codes": codes.astype(np.int64),
                 "truncated": text.truncated, "rejects": rejects.as_dict()["counts"], "worker": logical}
+
+
+def _check_config(config: StreamConfig) -> None:
+    if config.batch_size < 1 or config.shuffle_buffer < 0 or config.num_workers < 0:
+        raise ValueError(f"stream needs batch_size >= 1, shuffle_buffer >= 0 and num_workers >= 0; got "
+                         f"{config.batch_size}, {config.shuffle_buffer}, {config.num_workers}")
+    if config.epoch_samples is not None and config.epoch_samples < 1:
+        raise ValueError(f"epoch_samples must be >= 1, got {config.epoch_samples}")
 
 
 def _as_is(batch):
@@ -210,6 +234,7 @@ class TokenStream:
         self.sources, self.manifest = _load_sources(str(data), vae_fingerprint)
         if not self.config.resampled and len({s.weight for s in self.sources}) > 1:
             raise ValueError("source weights mix sources in resampled mode only; set resampled=True")
+        _check_config(self.config)
         self.workers = max(1, self.config.num_workers)
         feeders, num_shards = world_size * self.workers, sum(len(s.shards) for s in self.sources)
         if not self.config.resampled and num_shards < feeders:
@@ -227,14 +252,25 @@ class TokenStream:
     def _plans(self, epoch: int):
         return _epoch_plans(self.sources, self.config, epoch, self.rank, self.world_size, self.workers)
 
+    def identity(self) -> str:
+        """What a saved position is a position in: the shards, their counts and every setting
+        that orders them. Trainers can compare it across ranks too."""
+        parts = [[(p, n, s.weight) for p, n in s.shards] for s in self.sources]
+        settings = dataclasses.asdict(self.config)
+        blob = json.dumps([parts, settings, self.world_size, self.text_seq_len], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
     def state_dict(self) -> dict:
         return {"epoch": self.state.epoch, "consumed": list(self.state.consumed),
-                "next_worker": self.state.next_worker}
+                "next_worker": self.state.next_worker, "identity": self.identity()}
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["consumed"]) != self.workers:
             raise ValueError(f"the saved stream position has {len(state['consumed'])} data workers per rank, "
                              f"this run {self.workers}: resume with the same number of workers")
+        if state.get("identity") != self.identity():
+            raise ValueError("the saved stream position belongs to other data or settings (shards, their counts, "
+                             "seed, batch size, workers, ranks, shuffle buffer): resume with the same ones")
         self.state = StreamState(state["epoch"], list(state["consumed"]), state["next_worker"])
 
     def __iter__(self):
@@ -243,7 +279,7 @@ class TokenStream:
             if length == 0:
                 raise ValueError(f"rank {self.rank} gets less than one batch of {self.config.batch_size} per epoch; "
                                  f"use a smaller batch or more data")
-            batches = iter(self._loader(plans))
+            batches = iter(self._loader(plans)) if sum(self.state.consumed) < length else iter(())
             while sum(self.state.consumed) < length:
                 batch = next(batches, None)
                 if batch is None:

@@ -39,7 +39,9 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 # What tarfile, its decompressors and webdataset's gopen raise on bad or unreachable data.
-_BAD_DATA = (tarfile.TarError, OSError, EOFError, ValueError, zlib.error, lzma.LZMAError)
+_BAD_DATA = (tarfile.TarError, OSError, EOFError, ValueError, OverflowError, MemoryError, zlib.error,
+             lzma.LZMAError)
+MAX_MEMBER_BYTES = 1 << 30  # a larger member is no image or caption: refused before it is read
 
 
 @dataclass
@@ -150,6 +152,9 @@ def _samples(tar: tarfile.TarFile, path: str, rejects: RejectCounts) -> Iterator
             key, files = split[0], {}
         if split[1] in files:
             rejects.add("duplicate_member", key, path)
+            continue
+        if info.size > MAX_MEMBER_BYTES:
+            rejects.add("member_too_large", key, path)
             continue
         try:
             files[split[1]] = tar.extractfile(info).read()

@@ -7,8 +7,8 @@ A token shard is a tar in WebDataset layout. Each sample ``{key}`` holds
 - ``{key}.json``: metadata: the source key and shard.
 Raw bytes and JSON only: reading a shard never unpickles anything.
 
-Tars are written deterministically (sorted members, zero mtime and owner), so the same input
-always gives byte-identical shards, whichever job or machine wrote them.
+Tars are written deterministically (members in write order, zero mtime and owner), so the same
+input always gives byte-identical shards, whichever job or machine wrote them.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..files import fsync_file, temporary_name
 
 
 def codes_dtype(num_codes: int) -> np.dtype:
@@ -55,30 +57,46 @@ def decode_codes(data: bytes, dtype: np.dtype, num_codes_per_image: int) -> np.n
     return codes
 
 
-class ShardWriter:
-    """Writes one token shard to ``path + '.tmp'``; ``commit()`` renames it into place, so a
-    killed job never leaves a partial shard under the final name."""
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """One file in a tar, with no mtime or owner: the same bytes make the same tar."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
 
-    def __init__(self, path: Path, dtype: np.dtype):
-        self.path, self.dtype = Path(path), dtype
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
+
+class ShardWriter:
+    """Writes one tar under a temporary name unique to this writer; ``commit()`` renames it into
+    place, so a killed job never leaves a partial shard under the final name, and two jobs on one
+    shard never write the same file."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.tmp = temporary_name(self.path)
         self._tar = tarfile.open(self.tmp, "w", format=tarfile.PAX_FORMAT)
         self.count = 0
 
-    def write(self, sample: TokenSample) -> None:
-        for suffix, data in encode_sample(sample, self.dtype).items():
-            info = tarfile.TarInfo(f"{sample.key}.{suffix}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            self._tar.addfile(info, io.BytesIO(data))
-        self.count += 1
+    def add(self, name: str, data: bytes) -> None:
+        add_member(self._tar, name, data)
 
     def commit(self) -> int:
         self._tar.close()
-        with open(self.tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        fsync_file(self.tmp)
         os.replace(self.tmp, self.path)
         return self.count
 
     def abort(self) -> None:
         self._tar.close()
         self.tmp.unlink(missing_ok=True)
+
+
+class TokenShardWriter(ShardWriter):
+    """A token shard: codes of ``dtype``, caption and metadata per sample."""
+
+    def __init__(self, path: Path, dtype: np.dtype):
+        super().__init__(path)
+        self.dtype = dtype
+
+    def write(self, sample: TokenSample) -> None:
+        for suffix, data in encode_sample(sample, self.dtype).items():
+            self.add(f"{sample.key}.{suffix}", data)
+        self.count += 1

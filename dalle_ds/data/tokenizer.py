@@ -11,7 +11,6 @@ import io
 import itertools
 import logging
 import os
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 import torch
+
+from ..files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def train_tokenizer(
     spm.set_random_generator_seed(seed)
     proto = _train(stream, vocab_size, model_type, byte_fallback)
     out_path = Path(out_path)
-    _write_atomically(out_path, proto)
+    atomic_write_bytes(out_path, proto)
     trained = spm.SentencePieceProcessor(model_proto=proto).vocab_size()
     if trained < vocab_size:
         log.warning("%d captions gave a vocabulary of %d, under the %d asked for", stream.count, trained, vocab_size)
@@ -179,18 +180,3 @@ def _train(stream: _CaptionStream, vocab_size: int, model_type: str, byte_fallba
             f"(model_type={model_type}, byte_fallback={byte_fallback}): {e}"
         ) from None
     return writer.getvalue()
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Readers never see a half-written model: write beside it, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

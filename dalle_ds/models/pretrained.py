@@ -11,11 +11,12 @@ import functools
 import hashlib
 import inspect
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_model, save_model
+
+from ..files import atomic_write, atomic_write_bytes
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -72,12 +73,6 @@ def model_fingerprint(model: "PretrainedMixin") -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 class PretrainedMixin:
     """Adds save_pretrained / from_pretrained to an nn.Module whose __init__ is @records_config."""
 
@@ -92,8 +87,8 @@ class PretrainedMixin:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.config_record(), indent=2)
-        _atomic_write(directory / WEIGHTS_FILE, lambda p: save_model(self, str(p)))
-        _atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(text))
+        atomic_write(directory / WEIGHTS_FILE, lambda p: save_model(self, str(p)))
+        atomic_write_bytes(directory / CONFIG_FILE, text.encode())
         return directory
 
     @classmethod
