@@ -126,3 +126,21 @@ def test_output_names_follow_the_input_shard(shard, name):
     from dalle_ds.data.pretokenize import output_name
 
     assert output_name(shard) == name
+
+
+def test_concurrent_jobs_share_one_folder(corpus, tmp_path):
+    """Jobs running at the same time (a SLURM array) merge their shards into one manifest."""
+    import multiprocessing
+
+    vae = tiny_vae()
+    context = multiprocessing.get_context("spawn")  # fork after torch has threads may deadlock
+    jobs = [context.Process(target=run, args=(corpus, vae, tmp_path / "tok"), kwargs=dict(job_index=i, num_jobs=4))
+            for i in range(4)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(timeout=120)
+    assert [job.exitcode for job in jobs] == [0, 0, 0, 0]
+    manifest = Manifest.load(tmp_path / "tok")
+    assert [s.name for s in manifest.shards] == ["00000.tar", "00001.tar", "00002.tar", "00003.tar"]
+    assert manifest.total_samples == 17
