@@ -204,8 +204,9 @@ class _EpochDataset(IterableDataset):
         codes = np.stack([c for c, _ in batch])
         text = tokenizer.encode([caption for _, caption in batch], self.text_seq_len)
         # numpy arrays, not tensors, cross the worker boundary: pickled through the pipe they
-        # cost less than a shared-memory file per tensor; _account wraps them without a copy
-        return {"text": text.ids.numpy(), "mask": text.mask.numpy(), "codes": codes.astype(np.int64),
+        # cost less than a shared-memory file per tensor; codes keep their small shard dtype
+        # until _account widens them
+        return {"text": text.ids.numpy(), "mask": text.mask.numpy(), "codes": codes,
                 "truncated": text.truncated, "rejects": rejects.as_dict()["counts"], "worker": logical}
 
 
@@ -301,5 +302,6 @@ class TokenStream:
         self.state.next_worker = (worker + 1) % self.workers
         self.rejects.merge({"counts": batch.pop("rejects"), "records": []})
         self.truncated_captions += batch.pop("truncated")
-        return {name: torch.from_numpy(array) for name, array in batch.items()}
+        return {"text": torch.from_numpy(batch["text"]), "mask": torch.from_numpy(batch["mask"]),
+                "codes": torch.from_numpy(batch["codes"].astype(np.int64))}
 
