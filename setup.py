@@ -20,6 +20,7 @@ setup(
         "tensorboard>=2.15,<3",
         "pillow>=10,<13",
         "numpy>=1.24,<3",
+        "pyyaml>=6,<7",
     ],
     entry_points={"console_scripts": ["dalle-ds=dalle_ds.cli:entry_point"]},
     extras_require={
