@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import glob
 import math
-import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from braceexpand import UnbalancedBracesError, braceexpand
+
+from ..distributed import check_index, dist_env, slurm_array_task
 
 REMOTE_PREFIXES = ("http://", "https://", "s3://", "gs://", "pipe:")
 _GLOB_CHARS = ("*", "?", "[")
@@ -82,54 +83,18 @@ def split_for_job(paths: Sequence[str], job_index: int, num_jobs: int) -> list[s
     """This job's share of ``paths``: every ``num_jobs``-th one from ``job_index``. The shares of
     all jobs are disjoint and cover every path; round robin keeps them within one shard in size.
     A job may get nothing when there are more jobs than shards."""
-    _check_partition(job_index, num_jobs, "job")
+    check_index(job_index, num_jobs, "job")
     return list(paths[job_index::num_jobs])
 
 
 def default_job_partition() -> tuple[int, int]:
-    """(job_index, num_jobs) from the launcher's environment: a SLURM job array, else the torch
-    distributed launcher's RANK and WORLD_SIZE, else (0, 1)."""
-    env = os.environ
-    if "SLURM_ARRAY_TASK_ID" in env:
-        return _slurm_array_partition(env)
-    if "RANK" in env or "WORLD_SIZE" in env:
-        index, count = _env_int(env, "RANK"), _env_int(env, "WORLD_SIZE")
-        _check_partition(index, count, "RANK/WORLD_SIZE")
-        return index, count
-    return 0, 1
-
-
-def _slurm_array_partition(env) -> tuple[int, int]:
-    # Arrays may start anywhere and step (--array=1-99:2); the index is the position in the array.
-    task_id, count = _env_int(env, "SLURM_ARRAY_TASK_ID"), _env_int(env, "SLURM_ARRAY_TASK_COUNT")
-    first = _env_int(env, "SLURM_ARRAY_TASK_MIN", default=0)
-    step = _env_int(env, "SLURM_ARRAY_TASK_STEP", default=1)
-    index, off_step = divmod(task_id - first, max(step, 1))
-    if off_step or not 0 <= index < count:
-        raise ValueError(f"SLURM array task {task_id} is not in a regular range starting at {first} with step "
-                         f"{step} and {count} tasks; submit the array as --array=A-B or --array=A-B:STEP")
-    return index, count
-
-
-def _check_partition(index, count, what: str) -> None:
-    for name, value in (("index", index), ("count", count)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise ValueError(f"{what} {name} must be an integer, got {value!r}")
-    if count < 1:
-        raise ValueError(f"{what}: the number of jobs must be >= 1, got {count}")
-    if not 0 <= index < count:
-        raise ValueError(f"{what}: index {index} is outside [0, {count}) for {count} jobs")
-
-
-def _env_int(env, name: str, default: int | None = None) -> int:
-    if name not in env:
-        if default is None:
-            raise ValueError(f"environment variable {name} is not set (it comes with the others of its launcher)")
-        return default
-    try:
-        return int(env[name])
-    except ValueError:
-        raise ValueError(f"environment variable {name}={env[name]!r} is not an integer") from None
+    """(job_index, num_jobs) from the launcher's environment: a SLURM job array, else the
+    process's rank among its launcher's (torchrun, deepspeed, srun), else (0, 1)."""
+    array = slurm_array_task()
+    if array is not None:
+        return array
+    env = dist_env()
+    return env.rank, env.world_size
 
 
 def _parse_weight(text: str, part: str) -> float:
