@@ -1,0 +1,1 @@
+"""Training: optimizer, schedule and (next) the DeepSpeed trainers."""
