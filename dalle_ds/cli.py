@@ -113,19 +113,40 @@ def _run_decode_check(args):
     return f"decode-check: wrote {n} decoded samples to {args.out}"
 
 
+def _add_train_dalle(sub):
+    from .training.train_dalle import add_arguments
+
+    p = sub.add_parser("train-dalle", help="train DALL-E under DeepSpeed on token shards")
+    add_arguments(p)
+    p.set_defaults(run=_run_train_dalle)
+
+
+def _run_train_dalle(args):
+    from .training.train_dalle import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dalle-ds", description="Train DALL-E at scale: data preparation jobs.")
+    parser = argparse.ArgumentParser(prog="dalle-ds", description="Train DALL-E at scale.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_prep_folder, _add_train_tokenizer, _add_pretokenize, _add_decode_check):
+    for add in (_add_prep_folder, _add_train_tokenizer, _add_pretokenize, _add_decode_check, _add_train_dalle):
         add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may stand anywhere, also between flags, where argparse leaves them over
+    if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        print(args.run(args))
+        summary = args.run(args)
+        if summary:
+            print(summary)
     except (ValueError, OSError) as error:  # user mistakes and unusable files: one line, no traceback
         print(f"dalle-ds {args.command}: error: {error}", file=sys.stderr)
         return 2

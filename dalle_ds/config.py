@@ -51,6 +51,11 @@ def _convert(hint, value, where: str):
         return sequence(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     expected = origin or hint
     if isinstance(expected, type) and not isinstance(value, expected):
         raise ValueError(f"config {where} must be {getattr(expected, '__name__', expected)}, "

@@ -33,9 +33,9 @@ class Run:
 def test_defaults_file_and_overrides_compose(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model:\n  dim: 128\noptim:\n  lr: 1\n")
-    config = load_config(Run, path, ["optim.warmup_steps=5", "model.attn_types=[full, axial_row]",
+    config = load_config(Run, path, ["optim.warmup_steps=5", "optim.lr=3e-4", "model.attn_types=[full, axial_row]",
                                      "model.dropout=0.1", "name=big run"])
-    assert config.model.dim == 128 and config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
+    assert config.model.dim == 128 and config.optim.lr == 3e-4 and isinstance(config.optim.lr, float)
     assert config.optim.warmup_steps == 5 and config.model.attn_types == ["full", "axial_row"]
     assert config.model.dropout == 0.1 and config.name == "big run" and config.optim.betas == (0.9, 0.95)
     json_path = tmp_path / "run.json"

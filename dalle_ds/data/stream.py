@@ -293,8 +293,12 @@ class TokenStream:
     def _loader(self, plans) -> DataLoader:
         dataset = _EpochDataset(self, plans, StreamState(self.state.epoch, list(self.state.consumed),
                                                          self.state.next_worker))
+        # A DataLoader draws a seed for its workers when iterated; its own generator keeps that
+        # draw off the global RNG, whose state (dropout masks) a resumed run must not see moved.
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.state.epoch)
         return DataLoader(dataset, batch_size=None, num_workers=self.config.num_workers, collate_fn=_as_is,
-                          persistent_workers=False, prefetch_factor=4 if self.config.num_workers else None)
+                          persistent_workers=False, prefetch_factor=4 if self.config.num_workers else None,
+                          generator=generator)
 
     def _account(self, batch: dict) -> dict:
         worker = batch.pop("worker")

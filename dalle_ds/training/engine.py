@@ -1,0 +1,88 @@
+"""The DeepSpeed engine around a plain model: the only place training meets DeepSpeed.
+
+ds_configs/*.json hold engine settings only (ZeRO stage, precision, offload); batch sizes,
+gradient clipping and the optimizer come from the run config and are merged in here, so one
+number never lives in two files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import BatchLayout
+from ..distributed import DistEnv
+from .optim import OptimConfig, build_scheduler, param_groups
+
+# Keys a ds_config must not set: the run config owns them.
+_RUN_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+              "gradient_clipping", "optimizer", "scheduler")
+
+
+def load_ds_config(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"DeepSpeed config {path} does not exist; see ds_configs/ for the ones we ship")
+    config = json.loads(path.read_text())
+    owned = [key for key in _RUN_OWNED if key in config]
+    if owned:
+        raise ValueError(f"{path} sets {', '.join(owned)}: batch sizes, clipping and the optimizer come from the "
+                         f"run config (train.*, optim.*); keep ds_configs to engine settings")
+    return config
+
+
+def ds_config(engine_settings: dict, batch: BatchLayout, optim: OptimConfig) -> dict:
+    """The full DeepSpeed config: engine settings + the run's batch arithmetic and clipping."""
+    return {**engine_settings,
+            "train_batch_size": batch.global_batch,
+            "train_micro_batch_size_per_gpu": batch.micro_batch,
+            "gradient_accumulation_steps": batch.grad_accumulation,
+            "gradient_clipping": optim.grad_clip,
+            "steps_per_print": 10**9,  # we log ourselves
+            "wall_clock_breakdown": False}
+
+
+def init_distributed(env: DistEnv) -> None:
+    """Process group for this launcher (gloo on CPU, nccl on GPU); a lone process gets a group
+    of one, so the same code path runs everywhere."""
+    import deepspeed
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()) if env.world_size == 1 else "29500")
+    for name, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank)):
+        os.environ.setdefault(name, str(value))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               auto_mpi_discovery=False)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_engine(model: nn.Module, engine_settings: dict, batch: BatchLayout, optim: OptimConfig):
+    """deepspeed.initialize for real: DeepSpeed owns the optimizer step, ZeRO partitioning,
+    precision and gradient accumulation. Returns (engine, scheduler)."""
+    import deepspeed
+
+    config = ds_config(engine_settings, batch, optim)
+    groups = param_groups(model, optim.weight_decay)
+    offload = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
+    if offload:  # ZeRO-Offload steps on the CPU with DeepSpeed's vectorised Adam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+    scheduler = build_scheduler(optimizer, optim)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    return engine, scheduler

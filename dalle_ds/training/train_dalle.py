@@ -1,0 +1,271 @@
+"""train-dalle: DALL-E under DeepSpeed, streaming token shards (no dVAE in the loop).
+
+    dalle-ds train-dalle --data TOKEN_DIR --tokenizer FILE.model --vae VAE --out RUN_DIR
+                         [--config FILE] [--resume] [key=value ...]
+
+Works the same as one process, under torchrun and under the deepspeed launcher
+(``python -m dalle_ds.training.train_dalle ...``). The loop reads like its table of contents:
+load, step, log, save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..config import batch_layout, load_config, to_dict, write_resolved
+from ..data.stream import StreamConfig, TokenStream
+from ..distributed import dist_env
+from ..models.dalle import DALLE
+from ..models.pretrained import model_fingerprint
+from ..models.vae import DiscreteVAE
+from . import checkpoint
+from .engine import build_engine, init_distributed, load_ds_config
+from .metrics import MetricsWriter, Throughput, dalle_flops_per_token
+from .optim import OptimConfig
+
+
+@dataclass
+class DalleModelConfig:
+    """DALLE's architecture (its vae and text vocabulary come from --vae and --tokenizer)."""
+
+    dim: int = 512  # model width
+    depth: int = 12  # transformer layers
+    heads: int = 8  # attention heads
+    dim_head: int = 64  # width of each head
+    ff_mult: int = 4  # feed-forward width multiple
+    text_seq_len: int = 64  # caption tokens (longer captions are cut; counted)
+    attn_types: list = field(default_factory=lambda: ["full"])  # cycled over layers
+    reversible: bool = False  # RevNet layers: activation memory flat in depth
+    attn_dropout: float = 0.0
+    ff_dropout: float = 0.0
+    loss_img_weight: float = 7.0  # loss = (text + w * image) / (w + 1)
+    stable: bool = False  # PB-relax before the final LayerNorm
+    sandwich_norm: bool = False  # LayerNorm after each branch too
+    null_cond_prob: float = 0.1  # drop captions this often: trains classifier-free guidance
+    conv_kernel_size: int = 5  # window of conv_like layers
+    sparse_block_size: int = 16  # block-sparse layers: block size,
+    sparse_local_blocks: int = 4  # local window in blocks,
+    sparse_stride: int = 8  # and every stride-th block as a summary
+
+
+@dataclass
+class DataConfig:
+    shuffle_buffer: int = 2_000  # samples mixed across shards by each data worker
+    num_workers: int = 2  # DataLoader workers per rank (0: read in the training process)
+    resampled: bool = False  # draw shards with replacement, weighting sources (a::0.7,b::0.3)
+    epoch_samples: int | None = None  # resampled mode: samples per epoch, all ranks together
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10_000  # optimizer steps
+    micro_batch: int = 8  # samples per rank per forward pass
+    global_batch: int | None = None  # samples per optimizer step; None: micro_batch x ranks x grad_accumulation
+    grad_accumulation: int | None = None  # derived from global_batch when that is set
+    seed: int = 0  # model init, data order and dropout
+    deepspeed_config: str = "ds_configs/zero2.json"  # engine settings: ZeRO stage, precision, offload
+    max_bad_steps: int = 10  # stop after this many non-finite losses in a row
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1_000  # also on SIGTERM / SIGUSR1 (preemption)
+    keep_last: int = 3  # older checkpoints are deleted
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 10  # TensorBoard and metrics.jsonl
+    peak_flops: float | None = None  # per device, for MFU; None: MFU not reported
+
+
+@dataclass
+class DalleRunConfig:
+    model: DalleModelConfig = field(default_factory=DalleModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+@dataclass
+class Progress:
+    step: int = 0  # optimizer steps done
+    samples: int = 0  # samples seen, all ranks
+    skipped_steps: int = 0  # micro-batches dropped for a non-finite loss
+
+
+_LOSSES = ("loss/total", "loss/text", "loss/image")
+
+
+class _Preemption:
+    """SIGTERM / SIGUSR1 (SLURM's warning before preemption) ask for a checkpoint and an exit."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """True on every rank if any rank was signalled (the save is collective)."""
+        flag = torch.tensor([float(self.requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class DalleTrainer:
+    def __init__(self, args: argparse.Namespace):
+        self.env = dist_env()
+        init_distributed(self.env)
+        self.config = load_config(DalleRunConfig, args.config, args.overrides)
+        self.run_dir = Path(args.out)
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_resolved(self.config, self.run_dir)
+        dist.barrier()
+        self.model = self._build_model(args)
+        # both read the full weights: before ZeRO-3 partitions them
+        vae_fingerprint, self.flops_per_token = model_fingerprint(self.model.vae), dalle_flops_per_token(self.model)
+        train = self.config.train
+        self.batch = batch_layout(train.micro_batch, self.env.world_size, train.global_batch, train.grad_accumulation)
+        self.engine, self.scheduler = build_engine(self.model, load_ds_config(train.deepspeed_config), self.batch,
+                                                   self.config.optim)
+        data = self.config.data
+        self.stream = TokenStream(args.data, args.tokenizer, self.config.model.text_seq_len,
+                                  StreamConfig(batch_size=train.micro_batch, seed=train.seed, **asdict(data)),
+                                  rank=self.env.rank, world_size=self.env.world_size,
+                                  vae_fingerprint=vae_fingerprint)
+        self.progress = Progress()
+        if args.resume:
+            self._resume()
+        self.metrics = MetricsWriter(self.run_dir, self.env.is_main)
+        self.preemption = _Preemption()
+
+    def _build_model(self, args) -> DALLE:
+        from ..data.tokenizer import CaptionTokenizer
+
+        torch.manual_seed(self.config.train.seed)  # the same initial weights on every rank
+        vae = DiscreteVAE.from_pretrained(args.vae)
+        vocab = CaptionTokenizer(args.tokenizer).vocab_size
+        return DALLE(vae=vae, num_text_tokens=vocab, **to_dict(self.config.model))
+
+    def _resume(self) -> None:
+        loaded = checkpoint.load(self.engine, self.run_dir)
+        if loaded is None:
+            return
+        client, stream_state = loaded
+        self.progress = Progress(**client["progress"])
+        self.stream.load_state_dict(stream_state)
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def train(self) -> Progress:
+        batches = iter(self.stream)
+        throughput, bad_in_row = Throughput(), 0
+        while self.progress.step < self.config.train.steps:
+            logs, bad_in_row = self._optimizer_step(batches, throughput, bad_in_row)
+            if self.progress.step % self.config.logging.every_steps == 0:
+                self._log(logs, throughput)
+            preempted = self.preemption.agreed()
+            last = self.progress.step == self.config.train.steps
+            if preempted or last or self.progress.step % self.config.checkpoint.every_steps == 0:
+                self._save()
+            if preempted:
+                break
+        self.metrics.close()
+        return self.progress
+
+    def _optimizer_step(self, batches, throughput: Throughput, bad_in_row: int):
+        """One optimizer step: grad_accumulation micro-batches through the engine. Micro-batches
+        whose loss is non-finite on any rank are dropped on every rank."""
+        micro = 0
+        while micro < self.batch.grad_accumulation:
+            waited = time.perf_counter()
+            batch = next(batches)
+            data_wait = time.perf_counter() - waited
+            loss, text_loss, image_loss = self.engine(batch["text"], batch["codes"], mask=batch["mask"],
+                                                      return_loss=True, return_loss_breakdown=True)
+            if not self._finite_everywhere(loss):
+                self.progress.skipped_steps += 1
+                bad_in_row += 1
+                if bad_in_row >= self.config.train.max_bad_steps:
+                    raise RuntimeError(f"{bad_in_row} non-finite losses in a row at step {self.progress.step}: "
+                                       f"stopping; the last good checkpoint in {self.run_dir} is intact (lower "
+                                       f"optim.lr, or try model.stable=true / a bf16 ds_config)")
+                continue
+            bad_in_row = 0
+            self.engine.backward(loss)
+            self.engine.step()
+            micro += 1
+            tokens = batch["text"].shape[0] * (batch["text"].shape[1] + batch["codes"].shape[1])
+            throughput.add(batch["text"].shape[0], tokens, data_wait)
+        self.progress.step += 1
+        self.progress.samples += self.batch.global_batch
+        return {"loss/total": loss.item(), "loss/text": text_loss.item(), "loss/image": image_loss.item()}, bad_in_row
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        flag = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() == 0.0
+
+    def _log(self, logs: dict, throughput: Throughput) -> None:
+        losses = torch.tensor([logs[k] for k in _LOSSES])
+        dist.all_reduce(losses)  # the mean over ranks, not rank 0's batch alone
+        logs.update(zip(_LOSSES, (losses / self.env.world_size).tolist()))
+        norm = self.engine.get_global_grad_norm()
+        logs.update({"train/lr": self.scheduler.get_last_lr()[0], "train/skipped_steps": self.progress.skipped_steps,
+                     "train/samples": self.progress.samples,
+                     **throughput.read(self.env.world_size, self.flops_per_token, self.config.logging.peak_flops)})
+        if norm is not None and math.isfinite(float(norm)):
+            logs["train/grad_norm"] = float(norm)
+        if self.engine.fp16_enabled():
+            logs["train/loss_scale"] = float(self.engine.optimizer.cur_scale)
+        logs["data/truncated_captions"] = self.stream.truncated_captions
+        logs.update({f"data/rejects/{reason}": n for reason, n in self.stream.rejects.counts.items()})
+        self.metrics.write(self.progress.step, logs)
+
+    def _save(self) -> None:
+        client = {"progress": asdict(self.progress), "config": to_dict(self.config)}
+        checkpoint.save(self.engine, self.run_dir, self.progress.step, client, self.stream.state_dict(),
+                        self.config.checkpoint.keep_last)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="token-shard folder (from pretokenize), or a::0.7,b::0.3 with "
+                                                 "data.resampled=true")
+    p.add_argument("--tokenizer", required=True, help="the sentencepiece .model the captions use")
+    p.add_argument("--vae", required=True, help="the DiscreteVAE folder the token shards were made with")
+    p.add_argument("--out", required=True, help="run folder: resolved config, checkpoints, TensorBoard logs")
+    p.add_argument("--config", default=None, help="YAML or JSON run config (see the README's config reference)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-4")
+
+
+def run(args: argparse.Namespace) -> str:
+    trainer = DalleTrainer(args)
+    progress = trainer.train()
+    if not trainer.env.is_main:
+        return ""  # one summary per run, not per rank
+    return (f"train-dalle: {progress.step} steps, {progress.samples} samples, {progress.skipped_steps} skipped; "
+            f"checkpoints in {Path(args.out) / checkpoint.CHECKPOINTS}, TensorBoard: tensorboard --logdir "
+            f"{Path(args.out) / 'tensorboard'}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    from ..cli import main
+
+    sys.exit(main(["train-dalle", *sys.argv[1:]]))
