@@ -127,10 +127,24 @@ def _run_train_dalle(args):
     return run(args)
 
 
+def _add_export(sub):
+    p = sub.add_parser("export", help="a training run's latest checkpoint -> one from_pretrained model folder")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a dalle-ds train-* run")
+    p.add_argument("--out", required=True, help="model folder to write (model.safetensors + config.json)")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args):
+    from .training.export import export_run
+
+    return f"export: wrote {export_run(args.run_dir, args.out)} (load it with from_pretrained)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dalle-ds", description="Train DALL-E at scale.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_prep_folder, _add_train_tokenizer, _add_pretokenize, _add_decode_check, _add_train_dalle):
+    for add in (_add_prep_folder, _add_train_tokenizer, _add_pretokenize, _add_decode_check, _add_train_dalle,
+                _add_export):
         add(sub)
     return parser
 

@@ -117,3 +117,39 @@ def test_two_ranks_killed_mid_training_resume_the_same_losses(inputs, tmp_path):
     assert max(losses(killed)) < 12, "the run must be killed before it ends"
     run(command(inputs, killed, *extra, "--resume", ranks=2))
     assert losses(killed) == pytest.approx(losses(tmp_path / "straight"), abs=1e-5)
+
+
+ENGINE_LOGITS = """
+import argparse, json, sys, torch
+from dalle_ds.training.train_dalle import DalleTrainer, add_arguments
+parser = argparse.ArgumentParser()
+add_arguments(parser)
+trainer = DalleTrainer(parser.parse_args(sys.argv[1:]))  # --resume: the engine loads the checkpoint
+trainer.engine.eval()
+torch.manual_seed(0)
+text, codes = torch.randint(1, trainer.model.num_text_tokens, (2, 8)), torch.randint(0, 32, (2, 15))
+with torch.no_grad():
+    logits = trainer.engine(text, codes)  # every rank takes part (ZeRO-3 gathers the weights)
+if trainer.env.is_main:
+    print(json.dumps(logits.flatten().tolist()))
+"""
+
+
+def test_export_gives_the_engines_logits_without_deepspeed(inputs, tmp_path):
+    from dalle_ds import DALLE
+    from dalle_ds.cli import main
+
+    out = tmp_path / "run"
+    run(command(inputs, out, "train.steps=3", "checkpoint.every_steps=3", ranks=2, ds_config="zero3.json"))
+    assert main(["export", str(out), "--out", str(tmp_path / "model")]) == 0
+    model = DALLE.from_pretrained(tmp_path / "model").eval()
+
+    (tmp_path / "engine_logits.py").write_text(ENGINE_LOGITS)
+    cmd = command(inputs, out, "train.steps=3", "--resume", ranks=2, ds_config="zero3.json")
+    script = cmd[:cmd.index("-m")] + [str(tmp_path / "engine_logits.py")] + cmd[cmd.index("--data"):]
+    engine_logits = torch.tensor(json.loads(run(script).strip().splitlines()[-1]))
+    torch.manual_seed(0)
+    text, codes = torch.randint(1, model.num_text_tokens, (2, 8)), torch.randint(0, 32, (2, 15))
+    with torch.no_grad():
+        assert torch.allclose(model(text, codes).flatten(), engine_logits, atol=1e-5)
+    assert main(["export", str(inputs), "--out", str(tmp_path / "x")]) == 2  # not a run folder

@@ -28,6 +28,7 @@ from ..models.pretrained import model_fingerprint
 from ..models.vae import DiscreteVAE
 from . import checkpoint
 from .engine import build_engine, init_distributed, load_ds_config
+from .export import write_model_config
 from .metrics import MetricsWriter, Throughput, dalle_flops_per_token
 from .optim import OptimConfig
 
@@ -136,6 +137,8 @@ class DalleTrainer:
             write_resolved(self.config, self.run_dir)
         dist.barrier()
         self.model = self._build_model(args)
+        if self.env.is_main:
+            write_model_config(self.model, self.run_dir)
         # both read the full weights: before ZeRO-3 partitions them
         vae_fingerprint, self.flops_per_token = model_fingerprint(self.model.vae), dalle_flops_per_token(self.model)
         train = self.config.train
