@@ -135,3 +135,11 @@ def test_cuda_dispatch_equals_reference_forward_and_backward(attn_type, head_dim
         grad = torch.randn_like(fast)
         for a, b in zip(torch.autograd.grad(fast, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+def test_default_options_work_on_grids_smaller_than_their_blocks(attn_type):
+    pattern = build_pattern(attn_type, SequenceLayout(3, 2, 2))  # block 16, stride 8 > 4 image tokens
+    q, k, v = qkv(7)
+    torch.testing.assert_close(attend(pattern, q, k, v), dense_reference_attention(pattern, q, k, v),
+                               atol=1e-5, rtol=1e-5)

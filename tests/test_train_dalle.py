@@ -153,3 +153,14 @@ def test_export_gives_the_engines_logits_without_deepspeed(inputs, tmp_path):
     with torch.no_grad():
         assert torch.allclose(model(text, codes).flatten(), engine_logits, atol=1e-5)
     assert main(["export", str(inputs), "--out", str(tmp_path / "x")]) == 2  # not a run folder
+
+
+def test_reversible_layers_train_alike_under_zero_1_2_and_3(inputs, tmp_path):
+    extra = ["train.steps=5", "checkpoint.every_steps=5", "model.reversible=true", "model.depth=3",
+             "model.attn_types=[full,sparse,conv_like]"]
+    runs = {}
+    for stage in (1, 2, 3):
+        run(command(inputs, tmp_path / f"z{stage}", *extra, ranks=2, ds_config=f"zero{stage}.json"))
+        runs[stage] = losses(tmp_path / f"z{stage}")
+    assert runs[1][5] < runs[1][1]
+    assert runs[2] == pytest.approx(runs[1], abs=1e-5) and runs[3] == pytest.approx(runs[1], abs=1e-5)

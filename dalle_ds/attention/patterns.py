@@ -178,7 +178,7 @@ class BlockSparsePattern(AttentionPattern):
 
     def shared_image_keys(self):
         n, bs = self.layout.image_len, self.block_size
-        summaries = torch.arange(self.stride - 1, math.ceil(n / bs), self.stride)
+        summaries = torch.tensor(range(self.stride - 1, math.ceil(n / bs), self.stride), dtype=torch.long)
         keys = (summaries[:, None] * bs + torch.arange(bs)).flatten()
         return keys[keys < n]
 
