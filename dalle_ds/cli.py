@@ -142,6 +142,8 @@ def _run_export(args):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dalle-ds", description="Train DALL-E at scale.")
+    # the deepspeed launcher passes --local_rank=N; the rank is read from the environment instead
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_prep_folder, _add_train_tokenizer, _add_pretokenize, _add_decode_check, _add_train_dalle,
                 _add_export):

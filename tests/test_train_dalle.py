@@ -38,25 +38,19 @@ def inputs(tmp_path_factory):
 
 
 def command(inputs, out, *extra, ranks=1, ds_config="zero2.json"):
-    entry = ["-m", "dalle_ds.training.train_dalle", "--data", str(inputs / "tokens"),
-             "--tokenizer", str(inputs / "tok.model"), "--vae", str(inputs / "vae"), "--out", str(out),
-             f"train.deepspeed_config={ROOT / 'ds_configs' / ds_config}", *TINY, *extra]
-    launcher = [str(TORCHRUN), "--nproc_per_node", str(ranks), "--master_port", str(_free_port())] if ranks > 1 \
-        else [sys.executable]
-    return launcher + entry
+    """One process runs the module entry point; several go through launch/torchrun.sh."""
+    args = ["--data", str(inputs / "tokens"), "--tokenizer", str(inputs / "tok.model"), "--vae", str(inputs / "vae"),
+            "--out", str(out), f"train.deepspeed_config=ds_configs/{ds_config}", *TINY, *extra]
+    if ranks == 1:
+        return [sys.executable, "-m", "dalle_ds.training.train_dalle", *args]
+    return ["bash", str(ROOT / "launch" / "torchrun.sh"), str(ranks), "train-dalle", *args]
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 
 
 def run(cmd):
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"},
-                          timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -104,8 +98,7 @@ def test_two_ranks_killed_mid_training_resume_the_same_losses(inputs, tmp_path):
     run(command(inputs, tmp_path / "straight", *extra, ranks=2))
 
     killed = tmp_path / "killed"
-    job = subprocess.Popen(command(inputs, killed, *extra, ranks=2), start_new_session=True,
-                           env={**os.environ, "DS_ACCELERATOR": "cpu"},
+    job = subprocess.Popen(command(inputs, killed, *extra, ranks=2), start_new_session=True, env=ENV,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and job.poll() is None:
@@ -146,7 +139,8 @@ def test_export_gives_the_engines_logits_without_deepspeed(inputs, tmp_path):
 
     (tmp_path / "engine_logits.py").write_text(ENGINE_LOGITS)
     cmd = command(inputs, out, "train.steps=3", "--resume", ranks=2, ds_config="zero3.json")
-    script = cmd[:cmd.index("-m")] + [str(tmp_path / "engine_logits.py")] + cmd[cmd.index("--data"):]
+    script = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(tmp_path / "engine_logits.py"),
+              *cmd[cmd.index("--data"):]]
     engine_logits = torch.tensor(json.loads(run(script).strip().splitlines()[-1]))
     torch.manual_seed(0)
     text, codes = torch.randint(1, model.num_text_tokens, (2, 8)), torch.randint(0, 32, (2, 15))
@@ -164,3 +158,16 @@ def test_reversible_layers_train_alike_under_zero_1_2_and_3(inputs, tmp_path):
         runs[stage] = losses(tmp_path / f"z{stage}")
     assert runs[1][5] < runs[1][1]
     assert runs[2] == pytest.approx(runs[1], abs=1e-5) and runs[3] == pytest.approx(runs[1], abs=1e-5)
+
+
+def test_the_same_command_runs_under_the_deepspeed_launcher(inputs, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = command(inputs, tmp_path / "run", "train.steps=2")
+    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
+                "--module", "dalle_ds.cli", "train-dalle"]
+    out = run(launcher + cmd[cmd.index("--data"):])
+    assert "train-dalle: 2 steps, 16 samples" in out  # 2 ranks x micro batch 4 x 2 steps

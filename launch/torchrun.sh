@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# One node, N processes (one per GPU; on CPU, N gloo ranks):
+#   launch/torchrun.sh N train-dalle --data tokens/ --tokenizer captions.model --vae vae/ --out runs/dalle
+set -euo pipefail
+nproc=${1:?usage: launch/torchrun.sh NPROC COMMAND [ARGS...]}
+shift
+exec torchrun --standalone --nproc_per_node "$nproc" -m dalle_ds.cli "$@"
