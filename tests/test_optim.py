@@ -44,4 +44,4 @@ def test_optimizer_and_scheduler_drive_the_lr():
     assert lrs[:4] == pytest.approx([5e-4, 1e-3, 1.5e-3, 2e-3]) and lrs[5] < lrs[4]
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.0]
     with pytest.raises(ValueError, match="min_lr_ratio in \\[0, 1\\]"):
-        build_scheduler(torch.optim.SGD(dalle.parameters(), lr=1), OptimConfig(min_lr_ratio=2))
+        build_scheduler(torch.optim.SGD(dalle.parameters(), lr=1), OptimConfig(total_steps=5, min_lr_ratio=2))

@@ -62,10 +62,11 @@ def losses(run_dir) -> dict[int, float]:
 
 
 def test_single_process_trains_resumes_exactly_and_logs(inputs, tmp_path):
-    out = run(command(inputs, tmp_path / "a", "train.steps=8", "checkpoint.every_steps=4"))
+    schedule = ["optim.total_steps=8", "checkpoint.every_steps=4"]  # the same lr schedule for a stop at 4
+    out = run(command(inputs, tmp_path / "a", "train.steps=8", *schedule))
     assert "train-dalle: 8 steps, 32 samples" in out
-    run(command(inputs, tmp_path / "b", "train.steps=4", "checkpoint.every_steps=4"))
-    run(command(inputs, tmp_path / "b", "train.steps=8", "checkpoint.every_steps=4", "--resume"))
+    run(command(inputs, tmp_path / "b", "train.steps=4", *schedule))
+    run(command(inputs, tmp_path / "b", "train.steps=8", *schedule, "--resume"))
     straight, resumed = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert list(straight) == list(range(1, 9)) and straight[8] < straight[1]
     assert resumed == pytest.approx(straight, abs=1e-6)
@@ -77,7 +78,7 @@ def test_single_process_trains_resumes_exactly_and_logs(inputs, tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {"loss/total", "loss/text", "loss/image", "train/lr", "train/grad_norm", "perf/tokens_per_s",
             "perf/samples_per_s", "perf/tokens_per_s_per_device", "perf/data_wait_share",
-            "train/skipped_steps"} <= tags
+            "train/skipped_steps", "perf/mfu"} <= tags
     assert [e.step for e in events.Scalars("loss/total")] == list(range(1, 9))
     assert events.Scalars("loss/total")[-1].value == pytest.approx(straight[8], rel=1e-6)
     config = (tmp_path / "a" / "config.yaml").read_text()
@@ -171,3 +172,19 @@ def test_the_same_command_runs_under_the_deepspeed_launcher(inputs, tmp_path):
                 "--module", "dalle_ds.cli", "train-dalle"]
     out = run(launcher + cmd[cmd.index("--data"):])
     assert "train-dalle: 2 steps, 16 samples" in out  # 2 ranks x micro batch 4 x 2 steps
+
+
+def test_readme_config_reference_lists_every_key_with_its_default():
+    import dataclasses
+    import typing
+
+    from dalle_ds.training.train_dalle import DalleRunConfig
+
+    readme = (ROOT / "README.md").read_text()
+    for section in dataclasses.fields(DalleRunConfig):
+        component = typing.get_type_hints(DalleRunConfig)[section.name]()
+        for field in dataclasses.fields(component):
+            default = getattr(component, field.name)
+            shown = ("null" if default is None else str(default).lower() if isinstance(default, bool)
+                     else str(list(default)) if isinstance(default, (list, tuple)) else str(default))
+            assert f"| `{section.name}.{field.name}` | `{shown}` |" in readme, f"{section.name}.{field.name}"

@@ -72,3 +72,20 @@ def dalle_flops_per_token(model) -> float:
     per_block = sum(p.numel() for p in blocks[0].parameters() if p.ndim == 2)
     head = model.to_image_logits.weight.numel()
     return 6 * (len(blocks) * per_block + head) + 6 * len(blocks) * n * inner
+
+
+def measure_peak_flops(dtype, seconds: float = 0.3) -> float:
+    """This device's matmul FLOP/s in ``dtype``: the denominator of MFU when none is configured."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n = 4096 if device == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        runs += 1
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * runs / (time.perf_counter() - start)

@@ -21,7 +21,7 @@ class OptimConfig:
     betas: tuple = (0.9, 0.95)  # AdamW moment decay rates
     eps: float = 1e-8  # AdamW denominator epsilon
     warmup_steps: int = 1_000  # optimizer steps of linear warmup from 0
-    total_steps: int = 100_000  # the cosine decay ends here; later steps stay at the floor
+    total_steps: int | None = None  # the cosine decay ends here (None: at the last training step)
     min_lr_ratio: float = 0.1  # the floor: lr * min_lr_ratio
     grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
 
@@ -52,7 +52,7 @@ def lr_factor(step: int, config: OptimConfig) -> float:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    if config.warmup_steps < 0 or config.total_steps < 1 or not 0 <= config.min_lr_ratio <= 1:
+    if config.warmup_steps < 0 or (config.total_steps or 0) < 1 or not 0 <= config.min_lr_ratio <= 1:
         raise ValueError(f"schedule needs warmup_steps >= 0, total_steps >= 1 and min_lr_ratio in [0, 1]; got "
                          f"{config.warmup_steps}, {config.total_steps}, {config.min_lr_ratio}")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))

@@ -11,6 +11,7 @@ load, step, log, save.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import signal
 import time
@@ -29,7 +30,7 @@ from ..models.vae import DiscreteVAE
 from . import checkpoint
 from .engine import build_engine, init_distributed, load_ds_config
 from .export import write_model_config
-from .metrics import MetricsWriter, Throughput, dalle_flops_per_token
+from .metrics import MetricsWriter, Throughput, dalle_flops_per_token, measure_peak_flops
 from .optim import OptimConfig
 
 
@@ -45,8 +46,8 @@ class DalleModelConfig:
     text_seq_len: int = 64  # caption tokens (longer captions are cut; counted)
     attn_types: list = field(default_factory=lambda: ["full"])  # cycled over layers
     reversible: bool = False  # RevNet layers: activation memory flat in depth
-    attn_dropout: float = 0.0
-    ff_dropout: float = 0.0
+    attn_dropout: float = 0.0  # dropout on attention weights
+    ff_dropout: float = 0.0  # dropout inside the feed-forward
     loss_img_weight: float = 7.0  # loss = (text + w * image) / (w + 1)
     stable: bool = False  # PB-relax before the final LayerNorm
     sandwich_norm: bool = False  # LayerNorm after each branch too
@@ -85,7 +86,7 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     every_steps: int = 10  # TensorBoard and metrics.jsonl
-    peak_flops: float | None = None  # per device, for MFU; None: MFU not reported
+    peak_flops: float | None = None  # per device, for MFU; None: measured at start (a matmul benchmark)
 
 
 @dataclass
@@ -143,8 +144,13 @@ class DalleTrainer:
         vae_fingerprint, self.flops_per_token = model_fingerprint(self.model.vae), dalle_flops_per_token(self.model)
         train = self.config.train
         self.batch = batch_layout(train.micro_batch, self.env.world_size, train.global_batch, train.grad_accumulation)
-        self.engine, self.scheduler = build_engine(self.model, load_ds_config(train.deepspeed_config), self.batch,
-                                                   self.config.optim)
+        optim = self.config.optim
+        if optim.total_steps is None:  # decay over the whole run
+            optim = dataclasses.replace(optim, total_steps=train.steps)
+        engine_settings = load_ds_config(train.deepspeed_config)
+        self.engine, self.scheduler = build_engine(self.model, engine_settings, self.batch, optim)
+        self.peak_flops = self.config.logging.peak_flops or measure_peak_flops(
+            torch.bfloat16 if engine_settings.get("bf16", {}).get("enabled") else torch.float32)
         data = self.config.data
         self.stream = TokenStream(args.data, args.tokenizer, self.config.model.text_seq_len,
                                   StreamConfig(batch_size=train.micro_batch, seed=train.seed, **asdict(data)),
@@ -230,7 +236,7 @@ class DalleTrainer:
         norm = self.engine.get_global_grad_norm()
         logs.update({"train/lr": self.scheduler.get_last_lr()[0], "train/skipped_steps": self.progress.skipped_steps,
                      "train/samples": self.progress.samples,
-                     **throughput.read(self.env.world_size, self.flops_per_token, self.config.logging.peak_flops)})
+                     **throughput.read(self.env.world_size, self.flops_per_token, self.peak_flops)})
         if norm is not None and math.isfinite(float(norm)):
             logs["train/grad_norm"] = float(norm)
         if self.engine.fp16_enabled():
