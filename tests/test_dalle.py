@@ -205,3 +205,19 @@ def test_bf16_model_matches_fp32(attn_type):
     got = dalle.to(torch.bfloat16)(text, codes, return_loss=True)
     assert got.dtype == torch.float32  # the loss is reduced in fp32
     torch.testing.assert_close(got, expected, atol=0.05, rtol=0.02)
+
+
+def test_activation_checkpointing_gives_the_same_gradients_and_stores_less():
+    plain = tiny_dalle(attn_dropout=0.2, ff_dropout=0.2, attn_types=("full", "sparse")).train()
+    checkpointed = tiny_dalle(attn_dropout=0.2, ff_dropout=0.2, attn_types=("full", "sparse"),
+                              checkpoint_activations=True).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    text, codes = batch(plain)
+    grads = []
+    for model in (plain, checkpointed):
+        torch.manual_seed(5)
+        model(text, codes, return_loss=True).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+    assert saved_activation_bytes(checkpointed, text, codes) < 0.5 * saved_activation_bytes(plain, text, codes)

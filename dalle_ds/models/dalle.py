@@ -51,6 +51,7 @@ class DALLE(PretrainedMixin, nn.Module):
         sparse_block_size: int = 16,
         sparse_local_blocks: int = 4,
         sparse_stride: int = 8,
+        checkpoint_activations: bool = False,
     ):
         """
         dim, depth, heads, dim_head, ff_mult: transformer shape.
@@ -69,6 +70,8 @@ class DALLE(PretrainedMixin, nn.Module):
         sandwich_norm: LayerNorm after each attention and feed-forward branch too (CogView).
         null_cond_prob: in training, the caption of each sample is dropped with this
             probability, which teaches the unconditional model classifier-free guidance needs.
+        checkpoint_activations: recompute each layer's activations in backward instead of
+            storing them (plain layers; reversible layers never store them).
         """
         super().__init__()
         missing = [name for name in _VAE_INTERFACE if not hasattr(vae, name)]
@@ -101,7 +104,7 @@ class DALLE(PretrainedMixin, nn.Module):
         self.image_row_emb = nn.Embedding(grid, dim)
         self.image_col_emb = nn.Embedding(grid, dim)
         self.transformer = Transformer(dim, depth, heads, dim_head, ff_mult, attn_dropout, ff_dropout,
-                                       sandwich_norm, reversible)
+                                       sandwich_norm, reversible, checkpoint_activations)
         self.norm = nn.LayerNorm(dim)
         self.to_text_logits = nn.Linear(dim, num_text_total)
         self.to_image_logits = nn.Linear(dim, self.num_image_tokens)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .reversible import reversible_sequence
 
@@ -81,12 +82,15 @@ class Transformer(nn.Module):
         ff_dropout: float = 0.0,
         sandwich_norm: bool = False,
         reversible: bool = False,
+        checkpoint_activations: bool = False,
     ):
         super().__init__()
         self.blocks = nn.ModuleList(
             Block(dim, heads, dim_head, ff_mult, attn_dropout, ff_dropout, sandwich_norm) for _ in range(depth)
         )
         self.reversible = reversible
+        # Plain layers recompute their activations in backward instead of storing them.
+        self.checkpoint_activations = checkpoint_activations
         # False: differentiate the reversible stack with plain autograd (the test reference).
         self.reversible_memory_efficient = True
 
@@ -96,6 +100,13 @@ class Transformer(nn.Module):
             layers = [(partial(blk.attn_branch, attend=a), blk.ff_branch) for blk, a in zip(self.blocks, attends)]
             return reversible_sequence(x, layers, self.reversible_memory_efficient)
         for blk, attend in zip(self.blocks, attends):
-            x = x + blk.attn_branch(x, attend)
-            x = x + blk.ff_branch(x)
+            if self.checkpoint_activations and torch.is_grad_enabled():
+                x = checkpoint(_residual_block, blk, attend, x, use_reentrant=False)
+            else:
+                x = _residual_block(blk, attend, x)
         return x
+
+
+def _residual_block(blk: Block, attend: AttendFn, x: torch.Tensor) -> torch.Tensor:
+    x = x + blk.attn_branch(x, attend)
+    return x + blk.ff_branch(x)
