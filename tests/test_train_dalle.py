@@ -63,7 +63,7 @@ def losses(run_dir) -> dict[int, float]:
 
 def test_single_process_trains_resumes_exactly_and_logs(inputs, tmp_path):
     schedule = ["optim.total_steps=8", "checkpoint.every_steps=4"]  # the same lr schedule for a stop at 4
-    out = run(command(inputs, tmp_path / "a", "train.steps=8", *schedule))
+    out = run(command(inputs, tmp_path / "a", "train.steps=8", *schedule, "logging.sample_every_steps=8"))
     assert "train-dalle: 8 steps, 32 samples" in out
     run(command(inputs, tmp_path / "b", "train.steps=4", *schedule))
     run(command(inputs, tmp_path / "b", "train.steps=8", *schedule, "--resume"))
@@ -80,6 +80,7 @@ def test_single_process_trains_resumes_exactly_and_logs(inputs, tmp_path):
             "perf/samples_per_s", "perf/tokens_per_s_per_device", "perf/data_wait_share",
             "train/skipped_steps", "perf/mfu"} <= tags
     assert [e.step for e in events.Scalars("loss/total")] == list(range(1, 9))
+    assert [image.step for image in events.Images("samples")] == [8]  # generated for the data's first captions
     assert events.Scalars("loss/total")[-1].value == pytest.approx(straight[8], rel=1e-6)
     config = (tmp_path / "a" / "config.yaml").read_text()
     assert "micro_batch: 4" in config and "axial_row" in config
@@ -87,8 +88,8 @@ def test_single_process_trains_resumes_exactly_and_logs(inputs, tmp_path):
 
 @pytest.mark.parametrize("ds_config", ["zero2.json", "zero3_bf16.json"])
 def test_two_ranks_learn(inputs, tmp_path, ds_config):
-    out = run(command(inputs, tmp_path / "run", "train.steps=10", "checkpoint.every_steps=10", ranks=2,
-                      ds_config=ds_config))
+    out = run(command(inputs, tmp_path / "run", "train.steps=10", "checkpoint.every_steps=10",
+                      "logging.sample_every_steps=10", ranks=2, ds_config=ds_config))  # sampling is collective
     assert out.count("train-dalle:") == 1 and "80 samples" in out  # 10 steps x 4 x 2 ranks
     trained = losses(tmp_path / "run")
     assert trained[10] < 0.7 * trained[1], trained

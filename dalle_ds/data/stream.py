@@ -309,3 +309,18 @@ class TokenStream:
         return {"text": torch.from_numpy(batch["text"]), "mask": torch.from_numpy(batch["mask"]),
                 "codes": torch.from_numpy(batch["codes"].astype(np.int64))}
 
+
+def first_captions(data, limit: int) -> list[str]:
+    """The first good captions of a token-shard folder (or sources spec), in manifest order: the
+    same on every rank, e.g. to draw sample grids for."""
+    captions = []
+    for source in _load_sources(str(data), None)[0]:
+        for shard, _ in source.shards:
+            for raw in iter_shard(shard, RejectCounts()):
+                try:
+                    captions.append(caption_of(raw))
+                except Rejected:
+                    continue
+                if len(captions) == limit:
+                    return captions
+    return captions

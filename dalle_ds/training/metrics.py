@@ -55,6 +55,17 @@ class MetricsWriter:
         self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self.jsonl.flush()
 
+    def image_grid(self, step: int, tag: str, images, captions: list[str]) -> None:
+        """Images in [0, 1] as one captioned grid (the one decode-check draws)."""
+        if not self.enabled:
+            return
+        import numpy as np
+
+        from ..data.decode_check import caption_grid
+
+        grid = np.asarray(caption_grid(images.float().cpu(), captions))
+        self.tb.add_image(tag, grid, step, dataformats="HWC")
+
     def close(self) -> None:
         if self.enabled:
             self.tb.close()

@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import batch_layout, load_config, to_dict, write_resolved
-from ..data.stream import StreamConfig, TokenStream
+from ..data.stream import StreamConfig, TokenStream, first_captions
+from ..data.tokenizer import CaptionTokenizer
 from ..distributed import dist_env
 from ..models.dalle import DALLE
 from ..models.pretrained import model_fingerprint
@@ -88,6 +89,9 @@ class CheckpointConfig:
 class LoggingConfig:
     every_steps: int = 10  # TensorBoard and metrics.jsonl
     peak_flops: float | None = None  # per device, for MFU; None: measured at start (a matmul benchmark)
+    sample_every_steps: int = 1_000  # a grid of generated images in TensorBoard (0: never)
+    sample_prompts: list = field(default_factory=list)  # captions to draw; empty: the first ones of the data
+    sample_cond_scale: float = 3.0  # classifier-free guidance of the sample grid
 
 
 @dataclass
@@ -157,6 +161,8 @@ class DalleTrainer:
                                   StreamConfig(batch_size=train.micro_batch, seed=train.seed, **asdict(data)),
                                   rank=self.env.rank, world_size=self.env.world_size,
                                   vae_fingerprint=vae_fingerprint)
+        self.tokenizer = CaptionTokenizer(args.tokenizer)
+        self.sample_prompts = self.config.logging.sample_prompts or first_captions(args.data, 4)
         self.progress = Progress()
         if args.resume:
             self._resume()
@@ -164,8 +170,6 @@ class DalleTrainer:
         self.preemption = _Preemption()
 
     def _build_model(self, args) -> DALLE:
-        from ..data.tokenizer import CaptionTokenizer
-
         torch.manual_seed(self.config.train.seed)  # the same initial weights on every rank
         vae = DiscreteVAE.from_pretrained(args.vae)
         vocab = CaptionTokenizer(args.tokenizer).vocab_size
@@ -188,6 +192,8 @@ class DalleTrainer:
             logs, bad_in_row = self._optimizer_step(batches, throughput, bad_in_row)
             if self.progress.step % self.config.logging.every_steps == 0:
                 self._log(logs, throughput)
+            if self.config.logging.sample_every_steps and self.progress.step % self.config.logging.sample_every_steps == 0:
+                self._sample_grid()
             preempted = self.preemption.agreed()
             last = self.progress.step == self.config.train.steps
             if preempted or last or self.progress.step % self.config.checkpoint.every_steps == 0:
@@ -245,6 +251,16 @@ class DalleTrainer:
         logs["data/truncated_captions"] = self.stream.truncated_captions
         logs.update({f"data/rejects/{reason}": n for reason, n in self.stream.rejects.counts.items()})
         self.metrics.write(self.progress.step, logs)
+
+    def _sample_grid(self) -> None:
+        """Generated images for fixed captions, with the frozen dVAE. Collective: under ZeRO-3
+        every rank takes part in gathering the weights, so every rank generates the same grid."""
+        self.engine.eval()
+        text = self.tokenizer.encode(self.sample_prompts, self.config.model.text_seq_len)
+        images = self.model.generate_images(text.ids, mask=text.mask, cond_scale=self.config.logging.sample_cond_scale,
+                                            seed=self.config.train.seed)
+        self.engine.train()
+        self.metrics.image_grid(self.progress.step, "samples", images, self.sample_prompts)
 
     def _save(self) -> None:
         client = {"progress": asdict(self.progress), "config": to_dict(self.config)}
