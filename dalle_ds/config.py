@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -48,19 +49,35 @@ def _convert(hint, value, where: str):
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     sequence = origin or hint
     if sequence in (list, tuple) and isinstance(value, (list, tuple)):  # YAML has lists only
-        return sequence(value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
+        items = [_convert(args[0] if args else typing.Any, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if sequence is tuple and len(args) > 1 and args[-1] is not Ellipsis and len(items) != len(args):
+            raise ValueError(f"config {where} needs {len(args)} values, got {len(items)}")
+        return sequence(items)
+    if hint is float:
+        return _float(value, where)
+    if hint is int and isinstance(value, bool):
+        raise ValueError(f"config {where} must be int, got {value!r}")
     expected = origin or hint
-    if isinstance(expected, type) and not isinstance(value, expected):
+    if isinstance(expected, type) and expected is not typing.Any and not isinstance(value, expected):
         raise ValueError(f"config {where} must be {getattr(expected, '__name__', expected)}, "
                          f"got {value!r} ({type(value).__name__})")
     return value
+
+
+def _float(value, where: str) -> float:
+    """Numbers, and strings such as 3e-4 (YAML 1.1 reads a mantissa without a dot as text);
+    never booleans, nan or infinities."""
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if number is None or not math.isfinite(number):
+        raise ValueError(f"config {where} must be a finite number, got {value!r}")
+    return number
 
 
 def _join(where: str, key: str) -> str:

@@ -4,4 +4,5 @@
 set -euo pipefail
 nproc=${1:?usage: launch/torchrun.sh NPROC COMMAND [ARGS...]}
 shift
-exec torchrun --standalone --nproc_per_node "$nproc" -m dalle_ds.cli "$@"
+# --shutdown-timeout: on TERM (Ctrl-C, preemption) the trainers get time to write their checkpoint
+exec torchrun --standalone --nproc_per_node "$nproc" --shutdown-timeout 300 -m dalle_ds.cli "$@"

@@ -17,7 +17,8 @@ def test_launcher_is_valid_bash(script):
 def test_slurm_training_checkpoints_on_signals_and_requeues():
     text = (LAUNCH / "slurm_train.sbatch").read_text()
     assert "#SBATCH --signal=B:USR1@" in text and "#SBATCH --requeue" in text
-    assert "scontrol requeue" in text and "--resume" in text and "trap requeue USR1 TERM" in text
+    assert "scontrol requeue" in text and "--resume" in text and "trap requeue USR1" in text
+    assert "kill -TERM" in text and "--shutdown-timeout" in text  # torchrun forwards TERM, not USR1
 
 
 def test_pretokenize_array_passes_no_job_index():

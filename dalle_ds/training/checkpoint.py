@@ -2,8 +2,8 @@
 
 Client state: the training position (step, samples), every rank's data-stream position and RNG
 states (gathered: DeepSpeed stores client state from one rank only), and the resolved config.
-DeepSpeed writes a checkpoint's files first and its ``latest`` pointer last, so a checkpoint cut
-short by a crash is never the one resumed from. The last ``keep_last`` are kept.
+The ``latest`` pointer moves only after every rank has written its part, atomically, so a
+checkpoint cut short by a crash is never the one resumed from. The last ``keep_last`` are kept.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from ..files import atomic_write_bytes
 
 CHECKPOINTS = "checkpoints"
 
@@ -45,9 +47,10 @@ def save(engine, run_dir: Path, step: int, client: dict, stream_state: dict, kee
     folder = Path(run_dir) / CHECKPOINTS
     per_rank = _gather({"stream": stream_state, "rng": rng_state()})
     tag = f"step{step:08d}"
-    engine.save_checkpoint(str(folder), tag=tag, client_state={**client, "ranks": per_rank})
-    dist.barrier()
+    engine.save_checkpoint(str(folder), tag=tag, client_state={**client, "ranks": per_rank}, save_latest=False)
+    dist.barrier()  # every rank's files are on disk
     if dist.get_rank() == 0:
+        atomic_write_bytes(folder / "latest", tag.encode())
         _prune(folder, keep_last)
     dist.barrier()
     return folder / tag
@@ -55,7 +58,7 @@ def save(engine, run_dir: Path, step: int, client: dict, stream_state: dict, kee
 
 def _prune(folder: Path, keep_last: int) -> None:
     tags = sorted(p for p in folder.glob("step*") if p.is_dir())
-    for old in tags[:-keep_last] if keep_last > 0 else []:
+    for old in tags[:-max(keep_last, 1)]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -67,7 +70,9 @@ def latest_tag(run_dir: Path) -> str | None:
 def load(engine, run_dir: Path) -> tuple[dict, dict] | None:
     """Loads the latest checkpoint into the engine; returns (client state, this rank's
     stream state), having restored this rank's RNG; None when there is none."""
-    if latest_tag(run_dir) is None:
+    found = [latest_tag(run_dir) is not None]
+    dist.broadcast_object_list(found, src=0)  # rank 0 decides: ranks must never disagree here
+    if not found[0]:
         return None
     path, client = engine.load_checkpoint(str(Path(run_dir) / CHECKPOINTS))
     if path is None:

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import BatchLayout
 from ..distributed import DistEnv
-from .optim import OptimConfig, build_scheduler, param_groups
+from .optim import OptimConfig, build_optimizer, build_scheduler
 
 # Keys a ds_config must not set: the run config owns them.
 _RUN_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -79,14 +79,8 @@ def build_engine(model: nn.Module, engine_settings: dict, batch: BatchLayout, op
     import deepspeed
 
     config = ds_config(engine_settings, batch, optim)
-    groups = param_groups(model, optim.weight_decay)
     offload = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
-    if offload:  # ZeRO-Offload steps on the CPU with DeepSpeed's vectorised Adam
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        optimizer = DeepSpeedCPUAdam(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, adamw_mode=True)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+    optimizer = build_optimizer(model, optim, cpu_offload=offload)
     scheduler = build_scheduler(optimizer, optim)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     return engine, scheduler

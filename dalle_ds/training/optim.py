@@ -18,7 +18,7 @@ from torch import nn
 class OptimConfig:
     lr: float = 3e-4  # peak learning rate, reached at the end of warmup
     weight_decay: float = 0.01  # AdamW decoupled decay, on weight matrices only
-    betas: tuple = (0.9, 0.95)  # AdamW moment decay rates
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW moment decay rates
     eps: float = 1e-8  # AdamW denominator epsilon
     warmup_steps: int = 1_000  # optimizer steps of linear warmup from 0
     total_steps: int | None = None  # the cosine decay ends here (None: at the last training step)
@@ -37,9 +37,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
-                             betas=tuple(config.betas), eps=config.eps)
+def build_optimizer(model: nn.Module, config: OptimConfig, cpu_offload: bool = False) -> torch.optim.Optimizer:
+    """AdamW over the decay groups; with ZeRO-Offload, DeepSpeed's vectorised CPU Adam (built on
+    first use), which steps the offloaded fp32 master weights on the CPU."""
+    groups = param_groups(model, config.weight_decay)
+    if cpu_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps)
 
 
 def lr_factor(step: int, config: OptimConfig) -> float:

@@ -45,7 +45,7 @@ class DalleModelConfig:
     dim_head: int = 64  # width of each head
     ff_mult: int = 4  # feed-forward width multiple
     text_seq_len: int = 64  # caption tokens (longer captions are cut; counted)
-    attn_types: list = field(default_factory=lambda: ["full"])  # cycled over layers
+    attn_types: list[str] = field(default_factory=lambda: ["full"])  # cycled over layers
     reversible: bool = False  # RevNet layers: activation memory flat in depth
     attn_dropout: float = 0.0  # dropout on attention weights
     ff_dropout: float = 0.0  # dropout inside the feed-forward
@@ -90,7 +90,7 @@ class LoggingConfig:
     every_steps: int = 10  # TensorBoard and metrics.jsonl
     peak_flops: float | None = None  # per device, for MFU; None: measured at start (a matmul benchmark)
     sample_every_steps: int = 1_000  # a grid of generated images in TensorBoard (0: never)
-    sample_prompts: list = field(default_factory=list)  # captions to draw; empty: the first ones of the data
+    sample_prompts: list[str] = field(default_factory=list)  # captions to draw; empty: the first ones of the data
     sample_cond_scale: float = 3.0  # classifier-free guidance of the sample grid
 
 
@@ -114,6 +114,16 @@ class Progress:
 _LOSSES = ("loss/total", "loss/text", "loss/image")
 
 
+def _check_counts(config: DalleRunConfig) -> None:
+    counts = {"train.steps": config.train.steps, "train.max_bad_steps": config.train.max_bad_steps,
+              "logging.every_steps": config.logging.every_steps,
+              "checkpoint.every_steps": config.checkpoint.every_steps, "checkpoint.keep_last": config.checkpoint.keep_last,
+              "logging.sample_every_steps": config.logging.sample_every_steps + 1}  # 0 = never
+    bad = [key for key, value in counts.items() if value < 1]
+    if bad:
+        raise ValueError(f"config {', '.join(bad)} must be >= 1 (logging.sample_every_steps >= 0: 0 never samples)")
+
+
 class _Preemption:
     """SIGTERM / SIGUSR1 (SLURM's warning before preemption) ask for a checkpoint and an exit."""
 
@@ -125,9 +135,9 @@ class _Preemption:
     def _handle(self, signum, frame):
         self.requested = True
 
-    def agreed(self) -> bool:
+    def agreed(self, device) -> bool:
         """True on every rank if any rank was signalled (the save is collective)."""
-        flag = torch.tensor([float(self.requested)])
+        flag = torch.tensor([float(self.requested)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -137,6 +147,7 @@ class DalleTrainer:
         self.env = dist_env()
         init_distributed(self.env)
         self.config = load_config(DalleRunConfig, args.config, args.overrides)
+        _check_counts(self.config)
         self.run_dir = Path(args.out)
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -154,8 +165,10 @@ class DalleTrainer:
             optim = dataclasses.replace(optim, total_steps=train.steps)
         engine_settings = load_ds_config(train.deepspeed_config)
         self.engine, self.scheduler = build_engine(self.model, engine_settings, self.batch, optim)
-        self.peak_flops = self.config.logging.peak_flops or measure_peak_flops(
-            torch.bfloat16 if engine_settings.get("bf16", {}).get("enabled") else torch.float32)
+        torch.manual_seed(train.seed + 1 + self.env.rank)  # per-rank dropout and caption drops
+        precision = next((d for name, d in (("bf16", torch.bfloat16), ("fp16", torch.float16))
+                          if engine_settings.get(name, {}).get("enabled")), torch.float32)
+        self.peak_flops = self.config.logging.peak_flops or measure_peak_flops(precision)
         data = self.config.data
         self.stream = TokenStream(args.data, args.tokenizer, self.config.model.text_seq_len,
                                   StreamConfig(batch_size=train.micro_batch, seed=train.seed, **asdict(data)),
@@ -192,9 +205,10 @@ class DalleTrainer:
             logs, bad_in_row = self._optimizer_step(batches, throughput, bad_in_row)
             if self.progress.step % self.config.logging.every_steps == 0:
                 self._log(logs, throughput)
-            if self.config.logging.sample_every_steps and self.progress.step % self.config.logging.sample_every_steps == 0:
+            preempted = self.preemption.agreed(self.engine.device)  # then save at once, no sample grid
+            sample_every = self.config.logging.sample_every_steps
+            if not preempted and sample_every and self.progress.step % sample_every == 0:
                 self._sample_grid()
-            preempted = self.preemption.agreed()
             last = self.progress.step == self.config.train.steps
             if preempted or last or self.progress.step % self.config.checkpoint.every_steps == 0:
                 self._save()
@@ -206,10 +220,10 @@ class DalleTrainer:
     def _optimizer_step(self, batches, throughput: Throughput, bad_in_row: int):
         """One optimizer step: grad_accumulation micro-batches through the engine. Micro-batches
         whose loss is non-finite on any rank are dropped on every rank."""
-        micro = 0
+        micro, lr, totals = 0, self.scheduler.get_last_lr()[0], torch.zeros(3)
         while micro < self.batch.grad_accumulation:
             waited = time.perf_counter()
-            batch = next(batches)
+            batch = {k: v.to(self.engine.device, non_blocking=True) for k, v in next(batches).items()}
             data_wait = time.perf_counter() - waited
             loss, text_loss, image_loss = self.engine(batch["text"], batch["codes"], mask=batch["mask"],
                                                       return_loss=True, return_loss_breakdown=True)
@@ -225,29 +239,33 @@ class DalleTrainer:
             self.engine.backward(loss)
             self.engine.step()
             micro += 1
+            totals += torch.stack([loss, text_loss, image_loss]).detach().float().cpu()
             tokens = batch["text"].shape[0] * (batch["text"].shape[1] + batch["codes"].shape[1])
             throughput.add(batch["text"].shape[0], tokens, data_wait)
         self.progress.step += 1
         self.progress.samples += self.batch.global_batch
-        return {"loss/total": loss.item(), "loss/text": text_loss.item(), "loss/image": image_loss.item()}, bad_in_row
+        means = (totals / self.batch.grad_accumulation).tolist()
+        return {**dict(zip(_LOSSES, means)), "train/lr": lr}, bad_in_row
 
     def _finite_everywhere(self, loss: torch.Tensor) -> bool:
-        flag = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0])
+        flag = (~torch.isfinite(loss.detach())).float().reshape(1)  # on the engine's device: nccl needs it
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() == 0.0
 
     def _log(self, logs: dict, throughput: Throughput) -> None:
-        losses = torch.tensor([logs[k] for k in _LOSSES])
+        losses = torch.tensor([logs[k] for k in _LOSSES], device=self.engine.device)
         dist.all_reduce(losses)  # the mean over ranks, not rank 0's batch alone
         logs.update(zip(_LOSSES, (losses / self.env.world_size).tolist()))
         norm = self.engine.get_global_grad_norm()
-        logs.update({"train/lr": self.scheduler.get_last_lr()[0], "train/skipped_steps": self.progress.skipped_steps,
+        logs.update({"train/skipped_steps": self.progress.skipped_steps,
                      "train/samples": self.progress.samples,
                      **throughput.read(self.env.world_size, self.flops_per_token, self.peak_flops)})
         if norm is not None and math.isfinite(float(norm)):
             logs["train/grad_norm"] = float(norm)
-        if self.engine.fp16_enabled():
-            logs["train/loss_scale"] = float(self.engine.optimizer.cur_scale)
+        if self.engine.fp16_enabled():  # ZeRO's optimizers call it cur_scale, stage 0's loss_scale
+            optimizer = self.engine.optimizer
+            logs["train/loss_scale"] = float(getattr(optimizer, "cur_scale", getattr(optimizer, "loss_scale", 0.0)))
+            logs["train/overflow_skipped_steps"] = self.engine.skipped_steps
         logs["data/truncated_captions"] = self.stream.truncated_captions
         logs.update({f"data/rejects/{reason}": n for reason, n in self.stream.rejects.counts.items()})
         self.metrics.write(self.progress.step, logs)
@@ -255,10 +273,17 @@ class DalleTrainer:
     def _sample_grid(self) -> None:
         """Generated images for fixed captions, with the frozen dVAE. Collective: under ZeRO-3
         every rank takes part in gathering the weights, so every rank generates the same grid."""
+        import deepspeed
+
         self.engine.eval()
         text = self.tokenizer.encode(self.sample_prompts, self.config.model.text_seq_len)
-        images = self.model.generate_images(text.ids, mask=text.mask, cond_scale=self.config.logging.sample_cond_scale,
-                                            seed=self.config.train.seed)
+        # ZeRO-3 keeps each rank's slice of the weights only; generation reads them outside the
+        # engine's forward, so gather them whole for its duration (a no-op at other stages)
+        with deepspeed.zero.GatheredParameters(list(self.model.parameters()),
+                                               enabled=self.engine.zero_optimization_stage() == 3):
+            images = self.model.generate_images(text.ids.to(self.engine.device), mask=text.mask.to(self.engine.device),
+                                                cond_scale=self.config.logging.sample_cond_scale,
+                                                seed=self.config.train.seed)
         self.engine.train()
         self.metrics.image_grid(self.progress.step, "samples", images, self.sample_prompts)
 
