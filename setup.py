@@ -9,6 +9,8 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["dalle_ds", "dalle_ds.*"]),
+    # the shipped DeepSpeed configs, for installs outside a checkout (see training/engine.py)
+    data_files=[("share/dalle_ds/ds_configs", sorted(str(p) for p in Path("ds_configs").glob("*.json")))],
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4,<2.15",

@@ -196,3 +196,21 @@ def test_readme_config_reference_lists_every_key_with_its_default():
             shown = ("null" if default is None else str(default).lower() if isinstance(default, bool)
                      else str(list(default)) if isinstance(default, (list, tuple)) else str(default))
             assert f"| `{section.name}.{field.name}` | `{shown}` |" in readme, f"{section.name}.{field.name}"
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes_from_it(inputs, tmp_path):
+    extra = ["train.steps=12", "optim.total_steps=12", "checkpoint.every_steps=100"]  # no periodic save
+    run(command(inputs, tmp_path / "straight", *extra))
+    stopped = tmp_path / "stopped"
+    job = subprocess.Popen(command(inputs, stopped, *extra), env=ENV, stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and job.poll() is None:
+        if (stopped / "metrics.jsonl").exists() and max(losses(stopped), default=0) >= 4:
+            break
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)  # as SLURM on preemption
+    assert job.wait(timeout=120) == 0
+    saved = int((stopped / "checkpoints" / "latest").read_text().removeprefix("step"))
+    assert 4 <= saved < 12 and f"train-dalle: {saved} steps" in job.stdout.read()
+    run(command(inputs, stopped, *extra, "--resume"))
+    assert losses(stopped) == pytest.approx(losses(tmp_path / "straight"), abs=1e-6)

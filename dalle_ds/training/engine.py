@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -24,11 +25,13 @@ _RUN_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_ac
 
 
 def load_ds_config(path) -> dict:
-    """A JSON file; a relative path is looked up from the working directory, then in this
-    repository's ds_configs/ parent (so ``ds_configs/zero2.json`` works from anywhere)."""
+    """A JSON file; a relative path is looked up from the working directory, then beside this
+    checkout's ds_configs/, then in the installed copy (so ``ds_configs/zero2.json`` works
+    from anywhere)."""
     path = Path(path)
     if not path.is_absolute() and not path.is_file():
-        path = Path(__file__).resolve().parents[2] / path
+        candidates = [Path(__file__).resolve().parents[2] / path, Path(sys.prefix) / "share" / "dalle_ds" / path]
+        path = next((c for c in candidates if c.is_file()), path)
     if not path.is_file():
         raise ValueError(f"DeepSpeed config {path} does not exist; see ds_configs/ for the ones we ship")
     config = json.loads(path.read_text())
