@@ -124,6 +124,13 @@ def _check_counts(config: DalleRunConfig) -> None:
         raise ValueError(f"config {', '.join(bad)} must be >= 1 (logging.sample_every_steps >= 0: 0 never samples)")
 
 
+def _same_on_every_rank(value, what: str) -> None:
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    if len(set(values)) > 1:
+        raise ValueError(f"ranks disagree on {what}; start them on the same, finished data")
+
+
 class _Preemption:
     """SIGTERM / SIGUSR1 (SLURM's warning before preemption) ask for a checkpoint and an exit."""
 
@@ -174,6 +181,8 @@ class DalleTrainer:
                                   StreamConfig(batch_size=train.micro_batch, seed=train.seed, **asdict(data)),
                                   rank=self.env.rank, world_size=self.env.world_size,
                                   vae_fingerprint=vae_fingerprint)
+        _same_on_every_rank(self.stream.identity(), "the token shards they read (a pretokenize job still adding "
+                            "shards?) or their data settings")
         self.tokenizer = CaptionTokenizer(args.tokenizer)
         self.sample_prompts = self.config.logging.sample_prompts or first_captions(args.data, 4)
         self.progress = Progress()
