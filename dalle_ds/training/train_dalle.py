@@ -160,6 +160,7 @@ class DalleTrainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_resolved(self.config, self.run_dir)
         dist.barrier()
+        self.tokenizer = CaptionTokenizer(args.tokenizer)
         self.model = self._build_model(args)
         if self.env.is_main:
             write_model_config(self.model, self.run_dir)
@@ -172,10 +173,10 @@ class DalleTrainer:
             optim = dataclasses.replace(optim, total_steps=train.steps)
         engine_settings = load_ds_config(train.deepspeed_config)
         self.engine, self.scheduler = build_engine(self.model, engine_settings, self.batch, optim)
-        torch.manual_seed(train.seed + 1 + self.env.rank)  # per-rank dropout and caption drops
         precision = next((d for name, d in (("bf16", torch.bfloat16), ("fp16", torch.float16))
                           if engine_settings.get(name, {}).get("enabled")), torch.float32)
         self.peak_flops = self.config.logging.peak_flops or measure_peak_flops(precision)
+        torch.manual_seed(train.seed + 1 + self.env.rank)  # per-rank dropout and caption drops
         data = self.config.data
         self.stream = TokenStream(args.data, args.tokenizer, self.config.model.text_seq_len,
                                   StreamConfig(batch_size=train.micro_batch, seed=train.seed, **asdict(data)),
@@ -183,7 +184,6 @@ class DalleTrainer:
                                   vae_fingerprint=vae_fingerprint)
         _same_on_every_rank(self.stream.identity(), "the token shards they read (a pretokenize job still adding "
                             "shards?) or their data settings")
-        self.tokenizer = CaptionTokenizer(args.tokenizer)
         self.sample_prompts = self.config.logging.sample_prompts or first_captions(args.data, 4)
         self.progress = Progress()
         if args.resume:
@@ -194,8 +194,7 @@ class DalleTrainer:
     def _build_model(self, args) -> DALLE:
         torch.manual_seed(self.config.train.seed)  # the same initial weights on every rank
         vae = DiscreteVAE.from_pretrained(args.vae)
-        vocab = CaptionTokenizer(args.tokenizer).vocab_size
-        return DALLE(vae=vae, num_text_tokens=vocab, **to_dict(self.config.model))
+        return DALLE(vae=vae, num_text_tokens=self.tokenizer.vocab_size, **to_dict(self.config.model))
 
     def _resume(self) -> None:
         loaded = checkpoint.load(self.engine, self.run_dir)
