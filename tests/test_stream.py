@@ -118,7 +118,7 @@ def test_truncation_and_rejects_are_counted(tmp_path, data):
 
 def test_clear_errors_instead_of_hangs(data):
     folder, model = data
-    with pytest.raises(ValueError, match="8 token shards cannot feed 4 ranks x 3 workers = 12 readers"):
+    with pytest.raises(ValueError, match="8 shards cannot feed 4 ranks x 3 workers = 12 readers"):
         TokenStream(folder, model, TEXT_LEN, StreamConfig(num_workers=3), rank=0, world_size=4)
     with pytest.raises(ValueError, match="made with another dVAE"):
         TokenStream(folder, model, TEXT_LEN, vae_fingerprint="0" * 64)

@@ -1,41 +1,49 @@
-"""The training stream over token shards, resumable exactly.
+"""Training streams over shards, resumable exactly: token shards for train-dalle, raw
+image-text shards (img2dataset layout) for train-vae and train-clip.
 
 Stages, per epoch (open_clip's data.py order):
   shard list -> deterministic shuffle (seed, epoch), the same on every rank -> split by rank ->
-  split by worker -> never-throwing tar reading -> decode our members only (codes, txt; raw
-  bytes, never pickle) -> shuffle buffer (seed, epoch, rank, worker) -> batch -> caption
-  tokenization (truncation counted) -> tensors.
+  split by worker -> never-throwing tar reading (raw bytes) -> shuffle buffer (seed, epoch,
+  rank, worker) -> decode (code grids, or pixels; never pickle), rejects counted -> batch ->
+  caption tokenization (truncation counted) -> tensors.
+Decoding after the shuffle buffer keeps the buffer to compact bytes, and lets a resumed run
+fast-forward over raw samples without decoding them.
 
 Each DataLoader worker runs one *logical* worker's deterministic sequence of batches and tags
 every batch with it; the DataLoader hands batches over in round-robin order of workers. The
-stream's position is (epoch, batches consumed per logical worker, the logical worker due next).
-Restoring it rebuilds the epoch, lets each logical worker fast-forward over what it already gave
-(reading raw bytes only), and rotates logical workers over the DataLoader's so that the worker
+stream's position is (epoch; per logical worker, batches given and raw samples drawn; the
+logical worker due next). Restoring it rebuilds the epoch, lets each logical worker skip the raw
+samples it already drew, and rotates logical workers over the DataLoader's so that the worker
 due next comes first: the batches that follow are exactly those an uninterrupted run would give.
 
 Epochs have the same number of batches on every rank (the smallest rank's count, from the
-manifest), so distributed steps never wait on a rank that has run dry.
+shards' sample counts), so distributed steps never wait on a rank that has run dry. A worker
+whose shards give fewer good samples than counted (rejects, damage) reads them again,
+reshuffled, to fill its share: workers never run dry.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import random
+from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import Rejected
-from .manifest import Manifest, ShardRecord, check_vae_fingerprint
-from .shards import parse_sources
-from .tar_reader import RejectCounts, caption_of, iter_shard
+from .images import decode_image
+from .sources import ShardSource, load_raw_sources, load_token_sources
+from .tar_reader import RawSample, RejectCounts, caption_of, image_of, iter_shard
 from .token_shards import decode_codes
 from .tokenizer import CaptionTokenizer
+
+MAX_REJECTS_IN_ROW = 10_000  # then the data, not a sample, is bad: stop with the reasons
 
 
 @dataclass
@@ -55,13 +63,46 @@ class StreamConfig:
 class StreamState:
     epoch: int = 0
     consumed: list[int] = field(default_factory=list)  # batches consumed this epoch, per logical worker
+    positions: list[int] = field(default_factory=list)  # raw samples drawn this epoch, per logical worker
     next_worker: int = 0  # the logical worker whose batch comes next
 
+    @classmethod
+    def start(cls, epoch: int, workers: int) -> "StreamState":
+        return cls(epoch, [0] * workers, [0] * workers, 0)
 
-@dataclass
-class _TokenSource:
-    shards: list[tuple[str, int]]  # (path, samples per the manifest)
-    weight: float
+
+@dataclass(frozen=True)
+class Codes:
+    """Token shards' samples: the dVAE code grid, row-major."""
+
+    dtype: str  # the manifest's codes_dtype
+    length: int  # codes per image
+    key = "codes"
+
+    def decode(self, raw: RawSample) -> np.ndarray:
+        if "codes" not in raw.files:
+            raise Rejected("missing_codes")
+        try:
+            return decode_codes(raw.files["codes"], np.dtype(self.dtype), self.length)
+        except ValueError as error:
+            raise Rejected("bad_codes", str(error)) from None
+
+    def tensor(self, stacked: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(stacked.astype(np.int64))  # widened only now: small across the worker pipe
+
+
+@dataclass(frozen=True)
+class Pixels:
+    """Raw shards' samples: the image, decoded to (3, size, size) uint8 RGB."""
+
+    size: int
+    key = "images"
+
+    def decode(self, raw: RawSample) -> np.ndarray:
+        return decode_image(image_of(raw)[1], self.size).numpy()
+
+    def tensor(self, stacked: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(stacked)  # uint8: images_to_float after the copy to the device
 
 
 @dataclass
@@ -74,7 +115,7 @@ class _ShardSampler:
     """An endless, seeded sequence of shards drawn with replacement: a source by weight, then a
     shard of it in proportion to its samples."""
 
-    def __init__(self, sources: list[_TokenSource], seed: str):
+    def __init__(self, sources: list[ShardSource], seed: str):
         self.sources, self.seed = sources, seed
 
     def __iter__(self):
@@ -85,7 +126,7 @@ class _ShardSampler:
             yield rng.choices([p for p, _ in source.shards], [n for _, n in source.shards])[0]
 
 
-def _epoch_plans(sources: list[_TokenSource], config: StreamConfig, epoch: int, rank: int, world: int,
+def _epoch_plans(sources: list[ShardSource], config: StreamConfig, epoch: int, rank: int, world: int,
                  workers: int) -> tuple[list[_WorkerPlan], int]:
     """This rank's logical workers' plans for ``epoch``, and the epoch length in batches: the
     same on every rank (in finite mode the smallest rank's)."""
@@ -106,108 +147,102 @@ def _epoch_plans(sources: list[_TokenSource], config: StreamConfig, epoch: int, 
     return plans_of(rank), length
 
 
-def _load_sources(data: str, vae_fingerprint: str | None) -> tuple[list[_TokenSource], Manifest]:
-    """Token-shard folders (``a`` or ``a::0.7,b::0.3``) -> sources with their manifests' counts;
-    all folders must come from one dVAE: the model's, when its fingerprint is given."""
-    manifests: dict[Path, Manifest] = {}
-    sources = []
-    for source in parse_sources(data):
-        shards = []
-        for path in map(Path, source.paths):
-            if path.parent not in manifests:
-                manifests[path.parent] = Manifest.load(path.parent)
-            record = next((r for r in manifests[path.parent].shards if r.name == path.name), None)
-            if record is not None and record.samples > 0:  # else empty, or not finished (being written)
-                _check_size(path, record)
-                shards.append((str(path), record.samples))
-        if not shards:
-            raise ValueError(f"source {source.paths[0] if source.paths else data!r} holds no token samples")
-        sources.append(_TokenSource(shards, source.weight))
-    expected = vae_fingerprint or next(iter(manifests.values())).vae_fingerprint
-    whose = "this model's VAE" if vae_fingerprint else "the other token shards"
-    for folder, manifest in manifests.items():
-        check_vae_fingerprint(manifest.vae_fingerprint, expected, folder, whose)
-    return sources, next(iter(manifests.values()))
-
-
-def _check_size(path: Path, record: ShardRecord) -> None:
-    """Every rank checks every shard, so a damaged one stops all ranks alike, before training:
-    a rank that ran dry mid-epoch would leave the others waiting on it."""
-    size = path.stat().st_size if path.exists() else -1
-    if record.bytes and size != record.bytes:
-        raise ValueError(f"token shard {path} is {size} bytes, its manifest says {record.bytes}: it was damaged "
-                         f"or replaced; delete it and its .stats.json and run pretokenize again")
-
-
 class _EpochDataset(IterableDataset):
     """One epoch of batches from each logical worker; runs inside DataLoader workers."""
 
-    def __init__(self, stream: "TokenStream", plans: list[_WorkerPlan], state: StreamState):
+    def __init__(self, stream: "ShardStream", plans: list[_WorkerPlan], state: StreamState):
         self.plans, self.state = plans, state
-        self.tokenizer_path, self.config = stream.tokenizer_path, stream.config
-        self.text_seq_len, self.rank = stream.text_seq_len, stream.rank
-        self.dtype, self.codes_per_image = np.dtype(stream.manifest.codes_dtype), stream.manifest.grid_size**2
+        self.format, self.tokenizer_path = stream.format, stream.tokenizer_path
+        self.config, self.text_seq_len, self.rank = stream.config, stream.text_seq_len, stream.rank
 
     def __iter__(self):
         info = get_worker_info()
         physical = info.id if info is not None else 0
         logical = (physical + self.state.next_worker) % len(self.plans)
-        tokenizer = CaptionTokenizer(self.tokenizer_path)
+        given, planned = self.state.consumed[logical], self.plans[logical].batches
+        if given >= planned:
+            return
+        tokenizer = CaptionTokenizer(self.tokenizer_path) if self.tokenizer_path else None
         rejects = RejectCounts()
-        batch_size, skip = self.config.batch_size, self.state.consumed[logical]
-        batch = []
-        for i, sample in enumerate(self._shuffled(logical, rejects)):
-            if i < skip * batch_size:  # fast-forward over raw bytes, as far as the last run got
-                if i == skip * batch_size - 1:
-                    rejects.clear()  # the last run reported these already
+        raws = self._shuffled(logical, rejects)
+        position = self.state.positions[logical]
+        deque(itertools.islice(raws, position), maxlen=0)  # skip what the last run drew, undecoded
+        rejects.clear()  # the last run reported these already
+        batch, in_row = [], 0
+        for raw in raws:
+            position += 1
+            try:
+                batch.append(self._decode(raw, tokenizer is not None))
+                in_row = 0
+            except Rejected as rejected:
+                rejects.add(rejected.reason, raw.key, raw.shard)
+                in_row = _check_rejects_in_row(in_row + 1, rejects)
                 continue
-            batch.append(sample)
-            if len(batch) == batch_size:
-                yield self._collate(batch, tokenizer, logical, rejects)
+            if len(batch) == self.config.batch_size:
+                yield self._collate(batch, tokenizer, logical, position, rejects)
                 batch = []
                 rejects.clear()  # each batch reports the rejects met since the previous one
+                given += 1
+                if given == planned:
+                    return
 
-    def _samples(self, logical: int, rejects: RejectCounts):
-        for shard in self.plans[logical].shards:
-            for raw in iter_shard(shard, rejects):
-                try:
-                    yield self._codes(raw), caption_of(raw)
-                except Rejected as rejected:
-                    rejects.add(rejected.reason, raw.key, shard)
+    def _decode(self, raw: RawSample, with_caption: bool):
+        caption = caption_of(raw) if with_caption else None
+        return self.format.decode(raw), caption
 
-    def _codes(self, raw) -> np.ndarray:
-        if "codes" not in raw.files:
-            raise Rejected("missing_codes")
-        try:
-            return decode_codes(raw.files["codes"], self.dtype, self.codes_per_image)
-        except ValueError as error:
-            raise Rejected("bad_codes", str(error)) from None
+    def _passes(self, logical: int, rejects: RejectCounts):
+        """The worker's shards, then again, reshuffled, as often as its plan needs; None marks
+        the end of each pass."""
+        shards = self.plans[logical].shards
+        rng = random.Random(f"{self.config.seed}/{self.state.epoch}/{self.rank}/{logical}/passes")
+        while True:
+            read = 0
+            for shard in shards:  # a resampled plan's shards never end
+                for raw in iter_shard(shard, rejects):
+                    read += 1
+                    yield raw
+            if read == 0:
+                raise ValueError(f"no shard of rank {self.rank}'s data worker {logical} could be read "
+                                 f"({dict(rejects.counts)}): check the shards")
+            yield None
+            shards = rng.sample(shards, len(shards))
 
     def _shuffled(self, logical: int, rejects: RejectCounts):
         size = self.config.shuffle_buffer
-        if size == 0:
-            yield from self._samples(logical, rejects)
-            return
         rng = random.Random(f"{self.config.seed}/{self.state.epoch}/{self.rank}/{logical}")
         buffer = []
-        for sample in self._samples(logical, rejects):
-            if len(buffer) < size:
+        for sample in self._passes(logical, rejects):
+            if sample is None:  # a pass's samples all come before the next pass's
+                rng.shuffle(buffer)
+                yield from buffer
+                buffer = []
+            elif len(buffer) < size:
                 buffer.append(sample)
-                continue
-            i = rng.randrange(size)
-            buffer[i], sample = sample, buffer[i]
-            yield sample
-        rng.shuffle(buffer)
-        yield from buffer
+            elif size:
+                i = rng.randrange(size)
+                buffer[i], sample = sample, buffer[i]
+                yield sample
+            else:
+                yield sample
 
-    def _collate(self, batch, tokenizer: CaptionTokenizer, logical: int, rejects: RejectCounts) -> dict:
-        codes = np.stack([c for c, _ in batch])
-        text = tokenizer.encode([caption for _, caption in batch], self.text_seq_len)
+    def _collate(self, batch, tokenizer: CaptionTokenizer | None, logical: int, position: int,
+                 rejects: RejectCounts) -> dict:
         # numpy arrays, not tensors, cross the worker boundary: pickled through the pipe they
-        # cost less than a shared-memory file per tensor; codes keep their small shard dtype
-        # until _account widens them
-        return {"text": text.ids.numpy(), "mask": text.mask.numpy(), "codes": codes,
-                "truncated": text.truncated, "rejects": rejects.as_dict()["counts"], "worker": logical}
+        # cost less than a shared-memory file per tensor
+        out = {self.format.key: np.stack([x for x, _ in batch]), "truncated": 0,
+               "rejects": rejects.as_dict()["counts"], "worker": logical, "position": position}
+        if tokenizer is not None:
+            text = tokenizer.encode([caption for _, caption in batch], self.text_seq_len)
+            out.update(text=text.ids.numpy(), mask=text.mask.numpy(), truncated=text.truncated)
+        return out
+
+
+def _check_rejects_in_row(in_row: int, rejects: RejectCounts) -> int:
+    if in_row >= MAX_REJECTS_IN_ROW:
+        raise ValueError(f"{in_row} samples in a row were rejected ({dict(rejects.counts)}): the data does not "
+                         f"hold what this job reads (images and captions for train-vae/clip, codes for "
+                         f"train-dalle); check the shards with dalle-ds decode-check")
+    return in_row
 
 
 def _check_config(config: StreamConfig) -> None:
@@ -223,29 +258,30 @@ def _as_is(batch):
     return batch
 
 
-class TokenStream:
-    """Batches of {text (b, T) ids, mask (b, T), codes (b, N)} from a token-shard folder, epoch
-    after epoch, for one rank. ``state_dict()`` / ``load_state_dict()`` resume it exactly."""
+class ShardStream:
+    """Batches for one rank, epoch after epoch, from weighted shard sources; each sample decoded
+    by ``format`` and, with a tokenizer, its caption tokenized. ``state_dict()`` /
+    ``load_state_dict()`` resume it exactly."""
 
-    def __init__(self, data, tokenizer_path, text_seq_len: int, config: StreamConfig | None = None, *,
-                 rank: int = 0, world_size: int = 1, vae_fingerprint: str | None = None):
-        """data: a token-shard folder, or weighted folders ``a::0.7,b::0.3`` (resampled mode)."""
-        self.tokenizer_path, self.text_seq_len = str(tokenizer_path), text_seq_len
+    def __init__(self, sources: list[ShardSource], format: Codes | Pixels, config: StreamConfig | None,
+                 tokenizer_path=None, text_seq_len: int = 0, *, rank: int = 0, world_size: int = 1):
+        self.sources, self.format = sources, format
+        self.tokenizer_path = str(tokenizer_path) if tokenizer_path else None
+        self.text_seq_len = text_seq_len
         self.config, self.rank, self.world_size = config or StreamConfig(), rank, world_size
-        self.sources, self.manifest = _load_sources(str(data), vae_fingerprint)
         if not self.config.resampled and len({s.weight for s in self.sources}) > 1:
             raise ValueError("source weights mix sources in resampled mode only; set resampled=True")
         _check_config(self.config)
         self.workers = max(1, self.config.num_workers)
         feeders, num_shards = world_size * self.workers, sum(len(s.shards) for s in self.sources)
         if not self.config.resampled and num_shards < feeders:
-            raise ValueError(f"{num_shards} token shards cannot feed {world_size} ranks x "
-                             f"{self.workers} workers = {feeders} readers; use fewer data workers, "
-                             f"resampled mode, or pretokenize into more, smaller shards")
-        self.state = StreamState(consumed=[0] * self.workers)
+            raise ValueError(f"{num_shards} shards cannot feed {world_size} ranks x {self.workers} workers = "
+                             f"{feeders} readers; use fewer data workers, resampled mode, or more, smaller shards")
+        self.state = StreamState.start(0, self.workers)
         self.rejects = RejectCounts()
         self.truncated_captions = 0
-        CaptionTokenizer(self.tokenizer_path)  # a bad path fails here, not in a worker
+        if self.tokenizer_path:
+            CaptionTokenizer(self.tokenizer_path)  # a bad path fails here, not in a worker
 
     def batches_per_epoch(self, epoch: int | None = None) -> int:
         return self._plans(self.state.epoch if epoch is None else epoch)[1]
@@ -255,15 +291,14 @@ class TokenStream:
 
     def identity(self) -> str:
         """What a saved position is a position in: the shards, their counts and every setting
-        that orders them. Trainers can compare it across ranks too."""
+        that orders or decodes them. Trainers can compare it across ranks too."""
         parts = [[(p, n, s.weight) for p, n in s.shards] for s in self.sources]
         settings = dataclasses.asdict(self.config)
-        blob = json.dumps([parts, settings, self.world_size, self.text_seq_len], sort_keys=True)
+        blob = json.dumps([parts, settings, self.world_size, self.text_seq_len, repr(self.format)], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.state.epoch, "consumed": list(self.state.consumed),
-                "next_worker": self.state.next_worker, "identity": self.identity()}
+        return {**dataclasses.asdict(self.state), "identity": self.identity()}
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["consumed"]) != self.workers:
@@ -272,7 +307,8 @@ class TokenStream:
         if state.get("identity") != self.identity():
             raise ValueError("the saved stream position belongs to other data or settings (shards, their counts, "
                              "seed, batch size, workers, ranks, shuffle buffer): resume with the same ones")
-        self.state = StreamState(state["epoch"], list(state["consumed"]), state["next_worker"])
+        self.state = StreamState(state["epoch"], list(state["consumed"]), list(state["positions"]),
+                                 state["next_worker"])
 
     def __iter__(self):
         while True:
@@ -280,19 +316,16 @@ class TokenStream:
             if length == 0:
                 raise ValueError(f"rank {self.rank} gets less than one batch of {self.config.batch_size} per epoch; "
                                  f"use a smaller batch or more data")
-            batches = iter(self._loader(plans)) if sum(self.state.consumed) < length else iter(())
-            while sum(self.state.consumed) < length:
-                batch = next(batches, None)
-                if batch is None:
-                    raise ValueError(f"rank {self.rank} ran out of samples in epoch {self.state.epoch}: token "
-                                     f"shards hold fewer samples than their manifest says; pretokenize them again")
-                yield self._account(batch)
-            del batches  # stop the workers before the next epoch's start
-            self.state = StreamState(self.state.epoch + 1, [0] * self.workers, 0)
+            if sum(self.state.consumed) < length:
+                batches = iter(self._loader(plans))
+                while sum(self.state.consumed) < length:
+                    yield self._account(next(batches))
+                del batches  # stop the workers before the next epoch's start
+            self.state = StreamState.start(self.state.epoch + 1, self.workers)
 
     def _loader(self, plans) -> DataLoader:
-        dataset = _EpochDataset(self, plans, StreamState(self.state.epoch, list(self.state.consumed),
-                                                         self.state.next_worker))
+        dataset = _EpochDataset(self, plans, dataclasses.replace(self.state, consumed=list(self.state.consumed),
+                                                                 positions=list(self.state.positions)))
         # A DataLoader draws a seed for its workers when iterated; its own generator keeps that
         # draw off the global RNG, whose state (dropout masks) a resumed run must not see moved.
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.state.epoch)
@@ -303,24 +336,51 @@ class TokenStream:
     def _account(self, batch: dict) -> dict:
         worker = batch.pop("worker")
         self.state.consumed[worker] += 1
+        self.state.positions[worker] = batch.pop("position")
         self.state.next_worker = (worker + 1) % self.workers
         self.rejects.merge({"counts": batch.pop("rejects"), "records": []})
         self.truncated_captions += batch.pop("truncated")
-        return {"text": torch.from_numpy(batch["text"]), "mask": torch.from_numpy(batch["mask"]),
-                "codes": torch.from_numpy(batch["codes"].astype(np.int64))}
+        out = {self.format.key: self.format.tensor(batch[self.format.key])}
+        if "text" in batch:
+            out.update(text=torch.from_numpy(batch["text"]), mask=torch.from_numpy(batch["mask"]))
+        return out
+
+    def first_samples(self, limit: int) -> list[tuple[np.ndarray, str | None]]:
+        """The first good samples of the sources, in order, decoded: the same on every rank,
+        e.g. fixed prompts or images for the trainers' grids."""
+        samples = []
+        for source in self.sources:
+            for shard, _ in source.shards:
+                for raw in iter_shard(shard, RejectCounts()):
+                    try:
+                        samples.append((self.format.decode(raw), caption_of(raw)))
+                    except Rejected:
+                        continue
+                    if len(samples) == limit:
+                        return samples
+        return samples
 
 
-def first_captions(data, limit: int) -> list[str]:
-    """The first good captions of a token-shard folder (or sources spec), in manifest order: the
-    same on every rank, e.g. to draw sample grids for."""
-    captions = []
-    for source in _load_sources(str(data), None)[0]:
-        for shard, _ in source.shards:
-            for raw in iter_shard(shard, RejectCounts()):
-                try:
-                    captions.append(caption_of(raw))
-                except Rejected:
-                    continue
-                if len(captions) == limit:
-                    return captions
-    return captions
+class TokenStream(ShardStream):
+    """Batches of {text (b, T) ids, mask (b, T), codes (b, N) long} from token-shard folders."""
+
+    def __init__(self, data, tokenizer_path, text_seq_len: int, config: StreamConfig | None = None, *,
+                 rank: int = 0, world_size: int = 1, vae_fingerprint: str | None = None):
+        """data: a token-shard folder, or weighted folders ``a::0.7,b::0.3`` (resampled mode)."""
+        sources, self.manifest = load_token_sources(str(data), vae_fingerprint)
+        codes = Codes(self.manifest.codes_dtype, self.manifest.grid_size**2)
+        super().__init__(sources, codes, config, tokenizer_path, text_seq_len, rank=rank, world_size=world_size)
+
+
+class ImageTextStream(ShardStream):
+    """Batches of {images (b, 3, s, s) uint8} from raw image-text shards, plus {text, mask} when
+    a tokenizer is given (CLIP; the dVAE needs no captions)."""
+
+    def __init__(self, data, image_size: int, config: StreamConfig | None = None, *, tokenizer_path=None,
+                 text_seq_len: int = 0, rank: int = 0, world_size: int = 1):
+        """data: shard patterns (``shards/{00000..00099}.tar``, a folder, a glob), weighted
+        ``a::0.7,b::0.3`` in resampled mode."""
+        config = config or StreamConfig()
+        sources = load_raw_sources(str(data), config.resampled)
+        super().__init__(sources, Pixels(image_size), config, tokenizer_path, text_seq_len, rank=rank,
+                         world_size=world_size)

@@ -99,12 +99,32 @@ def iter_shard(path: str, rejects: RejectCounts) -> Iterator[RawSample]:
         _close_quietly(stream)
 
 
-def image_and_caption(sample: RawSample) -> tuple[str, bytes, str]:
-    """(image extension, image bytes, stripped caption) of a raw image-text sample."""
+def image_of(sample: RawSample) -> tuple[str, bytes]:
+    """(image extension, image bytes) of a raw sample, the preferred format when it has several."""
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample.files), None)
     if ext is None:
         raise Rejected("missing_image", f"no {'/'.join(IMAGE_EXTENSIONS)} file, found {sorted(sample.files)}")
-    return ext, sample.files[ext], caption_of(sample)
+    return ext, sample.files[ext]
+
+
+def image_and_caption(sample: RawSample) -> tuple[str, bytes, str]:
+    """(image extension, image bytes, stripped caption) of a raw image-text sample."""
+    return *image_of(sample), caption_of(sample)
+
+
+def count_samples(path: str) -> int:
+    """Samples with an image in a local shard, from its headers alone (data is seeked over); a
+    damaged shard counts what precedes the damage."""
+    keys = set()
+    try:
+        with tarfile.open(path, "r:*", tarinfo=_CutAwareTarInfo) as tar:
+            for info in _regular_headers(tar):
+                split = _key_and_extension(info.name)
+                if split is not None and split[1] in IMAGE_EXTENSIONS:
+                    keys.add(split[0])
+    except _BAD_DATA:
+        pass
+    return len(keys)
 
 
 def caption_of(sample: RawSample) -> str:

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import batch_layout, load_config, to_dict, write_resolved
-from ..data.stream import StreamConfig, TokenStream, first_captions
+from ..data.stream import StreamConfig, TokenStream
 from ..data.tokenizer import CaptionTokenizer
 from ..distributed import dist_env
 from ..models.dalle import DALLE
@@ -184,7 +184,7 @@ class DalleTrainer:
                                   vae_fingerprint=vae_fingerprint)
         _same_on_every_rank(self.stream.identity(), "the token shards they read (a pretokenize job still adding "
                             "shards?) or their data settings")
-        self.sample_prompts = self.config.logging.sample_prompts or first_captions(args.data, 4)
+        self.sample_prompts = self.config.logging.sample_prompts or [c for _, c in self.stream.first_samples(4)]
         self.progress = Progress()
         if args.resume:
             self._resume()
