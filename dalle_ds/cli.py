@@ -7,6 +7,7 @@ user mistake or unusable input exits 2 with a one-line reason (no traceback).
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 
@@ -113,18 +114,25 @@ def _run_decode_check(args):
     return f"decode-check: wrote {n} decoded samples to {args.out}"
 
 
-def _add_train_dalle(sub):
-    from .training.train_dalle import add_arguments
+_TRAINERS = {  # command -> (module, trainer class, help)
+    "train-vae": ("train_vae", "VaeTrainer", "train the discrete VAE under DeepSpeed on raw image-text shards"),
+    "train-dalle": ("train_dalle", "DalleTrainer", "train DALL-E under DeepSpeed on token shards"),
+    "train-clip": ("train_clip", "ClipTrainer", "train CLIP under DeepSpeed on raw image-text shards"),
+}
 
-    p = sub.add_parser("train-dalle", help="train DALL-E under DeepSpeed on token shards")
-    add_arguments(p)
-    p.set_defaults(run=_run_train_dalle)
+
+def _add_trainers(sub):
+    for command, (module, _, help_text) in _TRAINERS.items():
+        p = sub.add_parser(command, help=help_text)
+        importlib.import_module(f".training.{module}", __package__).add_arguments(p)
+        p.set_defaults(run=_run_trainer)
 
 
-def _run_train_dalle(args):
-    from .training.train_dalle import run
+def _run_trainer(args):
+    from .training.trainer import run
 
-    return run(args)
+    module, name, _ = _TRAINERS[args.command]
+    return run(getattr(importlib.import_module(f".training.{module}", __package__), name), args)
 
 
 def _add_export(sub):
@@ -145,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     # the deepspeed launcher passes --local_rank=N; the rank is read from the environment instead
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_prep_folder, _add_train_tokenizer, _add_pretokenize, _add_decode_check, _add_train_dalle,
+    for add in (_add_prep_folder, _add_train_tokenizer, _add_pretokenize, _add_decode_check, _add_trainers,
                 _add_export):
         add(sub)
     return parser

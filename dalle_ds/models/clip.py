@@ -69,7 +69,9 @@ class CLIP(PretrainedMixin, nn.Module):
         self.visual_norm = nn.LayerNorm(dim_image)
         self.to_visual_latent = nn.Linear(dim_image, dim_latent, bias=False)
 
-        self.temperature = nn.Parameter(torch.tensor(1.0))  # logit scale = exp(temperature)
+        # logit scale = exp(temperature); shape (1,), not a 0-d scalar, which DeepSpeed's initial
+        # weight broadcast cannot send (it views every parameter as bytes)
+        self.temperature = nn.Parameter(torch.ones(1))
 
     def embed_text(self, text: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(b, n) token ids -> (b, dim_latent) unit vectors (mean over unmasked tokens)."""

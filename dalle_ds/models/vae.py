@@ -116,9 +116,13 @@ class DiscreteVAE(PretrainedMixin, nn.Module):
             raise ValueError(f"codes must be integers in [0, {self.num_tokens}), got {codes.dtype} "
                              f"in [{codes.min().item()}, {codes.max().item()}]")
 
+    def _standardise(self, images):
+        # in the images' dtype: engines that cast the weights to bf16 may leave buffers in fp32
+        return (images - self.norm_mean.to(images.dtype)) / self.norm_std.to(images.dtype)
+
     def _logits(self, images):  # (b, c, H, W) in [0, 1] -> (b, num_tokens, h, w)
         self.check_images(images)
-        return self.encoder((images - self.norm_mean) / self.norm_std)
+        return self.encoder(self._standardise(images))
 
     @torch.no_grad()
     def get_codebook_indices(self, images: torch.Tensor) -> torch.Tensor:
@@ -146,7 +150,7 @@ class DiscreteVAE(PretrainedMixin, nn.Module):
         recons = out * self.norm_std + self.norm_mean
         if not return_recon_loss:
             return recons
-        target = (img - self.norm_mean) / self.norm_std
+        target = self._standardise(img)
         recon_loss = (F.smooth_l1_loss if self.smooth_l1_loss else F.mse_loss)(out, target)
         log_qy = F.log_softmax(rearrange(logits, "b n h w -> b (h w) n"), dim=-1)
         log_uniform = torch.full_like(log_qy, -math.log(self.num_tokens))

@@ -55,7 +55,7 @@ class MetricsWriter:
         self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self.jsonl.flush()
 
-    def image_grid(self, step: int, tag: str, images, captions: list[str]) -> None:
+    def image_grid(self, step: int, tag: str, images, captions: list[str], columns: int = 4) -> None:
         """Images in [0, 1] as one captioned grid (the one decode-check draws)."""
         if not self.enabled:
             return
@@ -63,7 +63,7 @@ class MetricsWriter:
 
         from ..data.decode_check import caption_grid
 
-        grid = np.asarray(caption_grid(images.float().cpu(), captions))
+        grid = np.asarray(caption_grid(images.float().cpu(), captions, columns))
         self.tb.add_image(tag, grid, step, dataformats="HWC")
 
     def close(self) -> None:
@@ -100,3 +100,23 @@ def measure_peak_flops(dtype, seconds: float = 0.3) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
     return 2 * n**3 * runs / (time.perf_counter() - start)
+
+
+def training_flops(loss_fn) -> float:
+    """FLOPs of one forward and backward of ``loss_fn()`` (a scalar loss), as torch's
+    FlopCounterMode counts them: matmuls and convolutions, the work MFU is about."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        loss_fn().backward()
+    return float(counter.get_total_flops())
+
+
+def codebook_usage(counts) -> dict:
+    """From how often each code was chosen: the perplexity of that distribution (the number of
+    codes in effective use) and the codes never chosen."""
+    import torch
+
+    p = counts.double() / counts.sum().clamp(min=1)
+    entropy = -(p * p.clamp(min=1e-30).log()).sum()
+    return {"vae/codebook_perplexity": float(entropy.exp()), "vae/dead_codes": int((counts == 0).sum())}

@@ -1,0 +1,144 @@
+"""train-clip: CLIP under DeepSpeed, streaming raw image-text shards; it ranks DALL-E's samples.
+
+    dalle-ds train-clip --data SHARDS --tokenizer FILE.model --out RUN_DIR [--config FILE] [--resume] [key=value ...]
+
+Also ``python -m dalle_ds.training.train_clip ...`` for the deepspeed launcher. The contrastive
+loss contrasts each rank's micro-batch with itself. TensorBoard shows retrieval accuracy on
+fixed samples: top-1 text->image and image->text, where a match with the same caption counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..config import to_dict
+from ..data.images import images_to_float
+from ..data.stream import ImageTextStream
+from ..data.tokenizer import CaptionTokenizer
+from ..models.clip import CLIP
+from .metrics import training_flops
+from .optim import OptimConfig
+from .trainer import (CheckpointConfig, DataConfig, LoggingConfig, Trainer, TrainConfig, add_common_arguments,
+                      stream_config)
+
+
+@dataclass
+class ClipModelConfig:
+    """CLIP's architecture (its text vocabulary comes from --tokenizer)."""
+
+    dim_text: int = 512  # text encoder width
+    dim_image: int = 512  # image encoder (ViT) width
+    dim_latent: int = 512  # shared embedding space
+    text_enc_depth: int = 6  # text transformer layers
+    text_seq_len: int = 64  # caption tokens (longer captions are cut; counted)
+    text_heads: int = 8  # text attention heads
+    text_dim_head: int = 64  # width of each text head
+    visual_enc_depth: int = 6  # ViT layers
+    visual_heads: int = 8  # ViT attention heads
+    visual_dim_head: int = 64  # width of each ViT head
+    visual_image_size: int = 256  # images are resized (shorter side) and centre-cropped to this
+    visual_patch_size: int = 32  # ViT patch side
+    dropout: float = 0.0  # attention and feed-forward dropout in both encoders
+
+
+@dataclass
+class ClipLoggingConfig(LoggingConfig):
+    retrieval_every_steps: int = 100  # retrieval accuracy on fixed samples (0: never)
+    retrieval_samples: int = 64  # how many: the first ones of the data
+
+
+@dataclass
+class ClipRunConfig:
+    model: ClipModelConfig = field(default_factory=ClipModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: ClipLoggingConfig = field(default_factory=ClipLoggingConfig)
+
+
+def retrieval_accuracy(text_latents: torch.Tensor, image_latents: torch.Tensor, captions: list[str]) -> dict:
+    """Top-1 retrieval both ways among n pairs; a match with the same caption counts as a hit
+    (a corpus may hold one caption for many images)."""
+    sim = text_latents.float() @ image_latents.float().t()
+    same = np.array([[a == b for b in captions] for a in captions])
+    rows = np.arange(len(captions))
+    return {"clip/text_to_image_top1": float(same[rows, sim.argmax(dim=1).cpu().numpy()].mean()),
+            "clip/image_to_text_top1": float(same[sim.argmax(dim=0).cpu().numpy(), rows].mean())}
+
+
+class ClipTrainer(Trainer):
+    command = "train-clip"
+    config_class = ClipRunConfig
+
+    def check_config(self) -> None:
+        super().check_config()
+        logging = self.config.logging
+        if logging.retrieval_every_steps < 0 or logging.retrieval_samples < 2:
+            raise ValueError("config logging.retrieval_every_steps must be >= 0 (0: never) and "
+                             "logging.retrieval_samples >= 2")
+
+    def build_model(self) -> CLIP:
+        self.tokenizer = CaptionTokenizer(self.args.tokenizer)
+        return CLIP(num_text_tokens=self.tokenizer.vocab_size, **to_dict(self.config.model))
+
+    def measure_flops_per_token(self) -> float:
+        m = self.config.model
+        text = torch.randint(1, self.tokenizer.vocab_size, (2, m.text_seq_len))
+        images = torch.rand(2, 3, m.visual_image_size, m.visual_image_size)
+        flops = training_flops(lambda: self.model(text, images, return_loss=True))
+        self.model.zero_grad(set_to_none=True)
+        return flops / (2 * self._tokens_per_sample())
+
+    def _tokens_per_sample(self) -> int:
+        m = self.config.model
+        return m.text_seq_len + (m.visual_image_size // m.visual_patch_size) ** 2
+
+    def build_stream(self) -> ImageTextStream:
+        return ImageTextStream(self.args.data, self.config.model.visual_image_size, stream_config(self.config),
+                               tokenizer_path=self.args.tokenizer, text_seq_len=self.config.model.text_seq_len,
+                               rank=self.env.rank, world_size=self.env.world_size)
+
+    def prepare(self) -> None:
+        fixed = self.stream.first_samples(self.config.logging.retrieval_samples)
+        self.fixed_captions = [caption for _, caption in fixed]
+        self.fixed_images = torch.from_numpy(np.stack([image for image, _ in fixed]))
+        self.fixed_text = self.tokenizer.encode(self.fixed_captions, self.config.model.text_seq_len)
+
+    def losses(self, batch: dict) -> list[torch.Tensor]:
+        images = images_to_float(batch["images"]).to(self.precision)
+        return [self.engine(batch["text"], images, text_mask=batch["mask"], return_loss=True)]
+
+    def tokens(self, batch: dict) -> int:
+        return batch["images"].shape[0] * self._tokens_per_sample()
+
+    def visualise(self) -> None:
+        every = self.config.logging.retrieval_every_steps
+        if not every or self.progress.step % every:
+            return
+        device = self.engine.device
+        self.engine.eval()
+        with torch.no_grad(), self.gathered_weights():
+            text = self.model.embed_text(self.fixed_text.ids.to(device), self.fixed_text.mask.to(device))
+            images = self.model.embed_image(images_to_float(self.fixed_images.to(device)).to(self.precision))
+        self.engine.train()
+        self.metrics.write(self.progress.step, retrieval_accuracy(text, images, self.fixed_captions))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="raw image-text shards: a folder, glob or brace pattern "
+                                                 "(shards/{00000..00099}.tar), or a::0.7,b::0.3 with data.resampled=true")
+    p.add_argument("--tokenizer", required=True, help="the sentencepiece .model for the captions")
+    add_common_arguments(p)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from ..cli import main
+
+    sys.exit(main(["train-clip", *sys.argv[1:]]))

@@ -1,0 +1,292 @@
+"""What train-vae, train-dalle and train-clip share: the run config's common components and the
+loop. A trainer says what model and stream to build and how a batch becomes its losses; the
+loop reads like its table of contents: load, step, log, visualise, save.
+
+Works the same as one process, under torchrun and under the deepspeed launcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+from pathlib import Path
+
+from ..config import batch_layout, load_config, to_dict, write_resolved
+from ..data.stream import ShardStream, StreamConfig
+from ..distributed import dist_env
+from . import checkpoint
+from .engine import build_engine, init_distributed, load_ds_config
+from .export import write_model_config
+from .metrics import MetricsWriter, Throughput, measure_peak_flops
+from .optim import OptimConfig
+
+
+@dataclass
+class DataConfig:
+    shuffle_buffer: int = 2_000  # samples mixed across shards by each data worker
+    num_workers: int = 2  # DataLoader workers per rank (0: read in the training process)
+    resampled: bool = False  # draw shards with replacement, weighting sources (a::0.7,b::0.3)
+    epoch_samples: int | None = None  # resampled mode: samples per epoch, all ranks together
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10_000  # optimizer steps
+    micro_batch: int = 8  # samples per rank per forward pass
+    global_batch: int | None = None  # samples per optimizer step; None: micro_batch x ranks x grad_accumulation
+    grad_accumulation: int | None = None  # derived from global_batch when that is set
+    seed: int = 0  # model init, data order and dropout
+    deepspeed_config: str = "ds_configs/zero2.json"  # engine settings: ZeRO stage, precision, offload
+    max_bad_steps: int = 10  # stop after this many non-finite losses in a row
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1_000  # also on SIGTERM / SIGUSR1 (preemption)
+    keep_last: int = 3  # older checkpoints are deleted
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 10  # TensorBoard and metrics.jsonl
+    peak_flops: float | None = None  # per device, for MFU; None: measured at start (a matmul benchmark)
+
+
+@dataclass
+class Progress:
+    step: int = 0  # optimizer steps done
+    samples: int = 0  # samples seen, all ranks
+    skipped_steps: int = 0  # micro-batches dropped for a non-finite loss
+
+
+def stream_config(config) -> StreamConfig:
+    return StreamConfig(batch_size=config.train.micro_batch, seed=config.train.seed, **asdict(config.data))
+
+
+def _same_on_every_rank(value, what: str) -> None:
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    if len(set(values)) > 1:
+        raise ValueError(f"ranks disagree on {what}; start them on the same, finished data")
+
+
+class _Preemption:
+    """SIGTERM / SIGUSR1 (SLURM's warning before preemption) ask for a checkpoint and an exit."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, device) -> bool:
+        """True on every rank if any rank was signalled (the save is collective)."""
+        flag = torch.tensor([float(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class Trainer:
+    """Subclasses set ``command``, ``config_class`` and ``loss_names`` (the first is the one
+    trained on) and implement the hooks below the loop."""
+
+    command: str
+    config_class: type
+    loss_names: tuple[str, ...] = ("loss/total",)
+
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.env = args, dist_env()
+        init_distributed(self.env)
+        self.config = load_config(self.config_class, args.config, args.overrides)
+        self.check_config()
+        self.run_dir = Path(args.out)
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_resolved(self.config, self.run_dir)
+        dist.barrier()
+        train = self.config.train
+        torch.manual_seed(train.seed)  # the same initial weights on every rank
+        self.model = self.build_model()
+        if self.env.is_main:
+            write_model_config(self.model, self.run_dir)
+        self.flops_per_token = self.measure_flops_per_token()  # reads the full weights: before ZeRO-3 splits them
+        self.batch = batch_layout(train.micro_batch, self.env.world_size, train.global_batch, train.grad_accumulation)
+        optim = self.config.optim
+        if optim.total_steps is None:  # decay over the whole run
+            optim = dataclasses.replace(optim, total_steps=train.steps)
+        engine_settings = load_ds_config(train.deepspeed_config)
+        self.engine, self.scheduler = build_engine(self.model, engine_settings, self.batch, optim)
+        self.precision = next((d for name, d in (("bf16", torch.bfloat16), ("fp16", torch.float16))
+                               if engine_settings.get(name, {}).get("enabled")), torch.float32)
+        self.peak_flops = self.config.logging.peak_flops or measure_peak_flops(self.precision)
+        torch.manual_seed(train.seed + 1 + self.env.rank)  # per-rank dropout, caption drops, Gumbel noise
+        self.stream = self.build_stream()
+        _same_on_every_rank(self.stream.identity(), "the shards they read (a job still adding shards?) or their "
+                            "data settings")
+        self.progress = Progress()
+        self.prepare()
+        if args.resume:
+            self._resume()
+        self.metrics = MetricsWriter(self.run_dir, self.env.is_main)
+        self.preemption = _Preemption()
+
+    def _resume(self) -> None:
+        loaded = checkpoint.load(self.engine, self.run_dir)
+        if loaded is None:
+            return
+        client, stream_state = loaded
+        self.progress = Progress(**client["progress"])
+        self.stream.load_state_dict(stream_state)
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def train(self) -> Progress:
+        batches = iter(self.stream)
+        throughput, bad_in_row = Throughput(), 0
+        while self.progress.step < self.config.train.steps:
+            logs, bad_in_row = self._optimizer_step(batches, throughput, bad_in_row)
+            if self.progress.step % self.config.logging.every_steps == 0:
+                self._log(logs, throughput)
+            preempted = self.preemption.agreed(self.engine.device)  # then save at once, no pictures
+            if not preempted:
+                self.visualise()
+            last = self.progress.step == self.config.train.steps
+            if preempted or last or self.progress.step % self.config.checkpoint.every_steps == 0:
+                self._save()
+            if preempted:
+                break
+        self.metrics.close()
+        return self.progress
+
+    def _optimizer_step(self, batches, throughput: Throughput, bad_in_row: int):
+        """One optimizer step: grad_accumulation micro-batches through the engine. Micro-batches
+        whose loss is non-finite on any rank are dropped on every rank."""
+        micro, lr, totals = 0, self.scheduler.get_last_lr()[0], torch.zeros(len(self.loss_names))
+        while micro < self.batch.grad_accumulation:
+            waited = time.perf_counter()
+            batch = {k: v.to(self.engine.device, non_blocking=True) for k, v in next(batches).items()}
+            data_wait = time.perf_counter() - waited
+            losses = self.losses(batch)
+            if not self._finite_everywhere(losses[0]):
+                self.progress.skipped_steps += 1
+                bad_in_row += 1
+                if bad_in_row >= self.config.train.max_bad_steps:
+                    raise RuntimeError(f"{bad_in_row} non-finite losses in a row at step {self.progress.step}: "
+                                       f"stopping; the last good checkpoint in {self.run_dir} is intact (lower "
+                                       f"optim.lr, or try a bf16 ds_config{self.stability_hint()})")
+                continue
+            bad_in_row = 0
+            self.engine.backward(losses[0])
+            self.engine.step()
+            micro += 1
+            totals += torch.stack(losses).detach().float().cpu()
+            samples = next(iter(batch.values())).shape[0]
+            throughput.add(samples, self.tokens(batch), data_wait)
+        self.progress.step += 1
+        self.progress.samples += self.batch.global_batch
+        means = (totals / self.batch.grad_accumulation).tolist()
+        return {**dict(zip(self.loss_names, means)), "train/lr": lr}, bad_in_row
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        flag = (~torch.isfinite(loss.detach())).float().reshape(1)  # on the engine's device: nccl needs it
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() == 0.0
+
+    def _log(self, logs: dict, throughput: Throughput) -> None:
+        losses = torch.tensor([logs[k] for k in self.loss_names], device=self.engine.device)
+        dist.all_reduce(losses)  # the mean over ranks, not rank 0's batch alone
+        logs.update(zip(self.loss_names, (losses / self.env.world_size).tolist()))
+        norm = self.engine.get_global_grad_norm()
+        logs.update({"train/skipped_steps": self.progress.skipped_steps,
+                     "train/samples": self.progress.samples,
+                     **throughput.read(self.env.world_size, self.flops_per_token, self.peak_flops)})
+        if norm is not None and math.isfinite(float(norm)):
+            logs["train/grad_norm"] = float(norm)
+        if self.engine.fp16_enabled():  # ZeRO's optimizers call it cur_scale, stage 0's loss_scale
+            optimizer = self.engine.optimizer
+            logs["train/loss_scale"] = float(getattr(optimizer, "cur_scale", getattr(optimizer, "loss_scale", 0.0)))
+            logs["train/overflow_skipped_steps"] = self.engine.skipped_steps
+        logs["data/truncated_captions"] = self.stream.truncated_captions
+        logs.update({f"data/rejects/{reason}": n for reason, n in self.stream.rejects.counts.items()})
+        logs.update(self.extra_logs())  # collective: every rank calls it
+        self.metrics.write(self.progress.step, logs)
+
+    def _save(self) -> None:
+        client = {"progress": asdict(self.progress), "config": to_dict(self.config)}
+        checkpoint.save(self.engine, self.run_dir, self.progress.step, client, self.stream.state_dict(),
+                        self.config.checkpoint.keep_last)
+
+    def gathered_weights(self):
+        """Whole weights for work outside the engine's forward (generation, decoding): ZeRO-3
+        keeps a slice per rank, so every rank must take part; a no-op at other stages."""
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.model.parameters()),
+                                                 enabled=self.engine.zero_optimization_stage() == 3)
+
+    def summary(self) -> str:
+        return (f"{self.command}: {self.progress.step} steps, {self.progress.samples} samples, "
+                f"{self.progress.skipped_steps} skipped; checkpoints in {self.run_dir / checkpoint.CHECKPOINTS}, "
+                f"TensorBoard: tensorboard --logdir {self.run_dir / 'tensorboard'}")
+
+    # ---- what each trainer says -------------------------------------------------------------
+
+    def check_config(self) -> None:
+        """ValueError for settings no run can use (each trainer adds its own)."""
+        c = self.config
+        counts = {"train.steps": c.train.steps, "train.max_bad_steps": c.train.max_bad_steps,
+                  "logging.every_steps": c.logging.every_steps, "checkpoint.every_steps": c.checkpoint.every_steps,
+                  "checkpoint.keep_last": c.checkpoint.keep_last}
+        bad = [key for key, value in counts.items() if value < 1]
+        if bad:
+            raise ValueError(f"config {', '.join(bad)} must be >= 1")
+
+    def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def measure_flops_per_token(self) -> float:
+        raise NotImplementedError
+
+    def build_stream(self) -> ShardStream:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """After the stream exists, before resuming: fixed inputs for pictures, hooks."""
+
+    def losses(self, batch: dict) -> list[torch.Tensor]:
+        """The engine's forward on a micro-batch: one scalar per ``loss_names``."""
+        raise NotImplementedError
+
+    def tokens(self, batch: dict) -> int:
+        raise NotImplementedError
+
+    def extra_logs(self) -> dict:
+        return {}
+
+    def visualise(self) -> None:
+        """After each step: pictures every so many steps (collective under ZeRO-3)."""
+
+    def stability_hint(self) -> str:
+        return ""
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="run folder: resolved config, checkpoints, TensorBoard logs")
+    p.add_argument("--config", default=None, help="YAML or JSON run config (see the README's config reference)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-4")
+
+
+def run(trainer_class: type[Trainer], args: argparse.Namespace) -> str:
+    trainer = trainer_class(args)
+    trainer.train()
+    return trainer.summary() if trainer.env.is_main else ""  # one summary per run, not per rank
