@@ -23,6 +23,7 @@ setup(
         "pillow>=10,<13",
         "numpy>=1.24,<3",
         "pyyaml>=6,<7",
+        "tqdm>=4.60,<5",
     ],
     entry_points={"console_scripts": ["dalle-ds=dalle_ds.cli:entry_point"]},
     extras_require={

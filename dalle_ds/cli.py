@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 
 def _shards(spec) -> list[str]:
@@ -65,7 +66,7 @@ def _run_train_tokenizer(args):
 def _add_pretokenize(sub):
     p = sub.add_parser("pretokenize", help="encode image-text shards into token shards with a frozen dVAE")
     p.add_argument("--data", required=True, nargs="+", help="input shards: brace pattern, glob, folder or tar paths")
-    p.add_argument("--vae", required=True, help="a trained DiscreteVAE folder (written by save_pretrained)")
+    p.add_argument("--vae", required=True, help="the dVAE: an export (or save_pretrained) folder, or a train-vae run folder")
     p.add_argument("--out", required=True, help="output folder: token shards, stats and manifest.json")
     p.add_argument("--job-index", type=int, default=None,
                    help="this job's index among --num-jobs (default: SLURM_ARRAY_TASK_ID, else RANK, else 0)")
@@ -83,12 +84,13 @@ def _run_pretokenize(args):
     from .data.pretokenize import pretokenize
     from .data.shards import default_job_partition
     from .models.vae import DiscreteVAE
+    from .training.export import load_trained
 
     index, count = default_job_partition()
     job_index = index if args.job_index is None else args.job_index
     num_jobs = count if args.num_jobs is None else args.num_jobs
     shards = _shards(args.data)  # before loading the VAE: a bad pattern fails fast
-    vae = DiscreteVAE.from_pretrained(args.vae)
+    vae = load_trained(args.vae, DiscreteVAE)[0]
     summary = pretokenize(shards, vae, args.out, job_index=job_index, num_jobs=num_jobs,
                           batch_size=args.batch_size, device=torch.device(args.device) if args.device else None,
                           progress=not args.no_progress)
@@ -98,7 +100,7 @@ def _run_pretokenize(args):
 def _add_decode_check(sub):
     p = sub.add_parser("decode-check", help="decode token-shard samples through the dVAE into a captioned PNG grid")
     p.add_argument("--data", required=True, help="a token-shard folder (with manifest.json)")
-    p.add_argument("--vae", required=True, help="the DiscreteVAE folder the shards were made with")
+    p.add_argument("--vae", required=True, help="the dVAE the shards were made with (export or train-vae run folder)")
     p.add_argument("--out", required=True, help="the PNG to write")
     p.add_argument("--num-samples", type=int, default=16, help="how many samples to decode (default 16)")
     p.set_defaults(run=_run_decode_check)
@@ -108,9 +110,10 @@ def _run_decode_check(args):
     from .data.decode_check import decode_check
     from .data.manifest import Manifest
     from .models.vae import DiscreteVAE
+    from .training.export import load_trained
 
     Manifest.load(args.data)  # before loading the VAE: a wrong folder fails fast
-    n = decode_check(args.data, DiscreteVAE.from_pretrained(args.vae), args.out, args.num_samples)
+    n = decode_check(args.data, load_trained(args.vae, DiscreteVAE)[0], args.out, args.num_samples)
     return f"decode-check: wrote {n} decoded samples to {args.out}"
 
 
@@ -148,13 +151,131 @@ def _run_export(args):
     return f"export: wrote {export_run(args.run_dir, args.out)} (load it with from_pretrained)"
 
 
+def _add_generate(sub):
+    from .generate import GenerateSettings
+
+    d = GenerateSettings()
+    p = sub.add_parser("generate", help="captions -> PNG images (and a grid per caption) with DALL-E, ranked by CLIP")
+    p.add_argument("captions", nargs="*", metavar="CAPTION", help="prompts (or --prompts-file)")
+    p.add_argument("--dalle", required=True, help="DALL-E: an export's folder, or a train-dalle run folder")
+    p.add_argument("--clip", default=None, help="CLIP to rank the images by: an export's or a train-clip run folder")
+    p.add_argument("--out", required=True, help="folder for the PNGs, their JSON sidecars and the grids")
+    p.add_argument("--prompts-file", default=None, help="a text file, one prompt per line")
+    p.add_argument("--num-images", type=int, default=d.num_images, help=f"images per prompt (default {d.num_images})")
+    p.add_argument("--keep", type=int, default=None, help="with --clip: keep the best N per prompt (default all)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per pass (default {d.batch_size})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"batch k of each prompt is seeded S + k (default {d.seed})")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature; 0: greedy")
+    p.add_argument("--filter-thres", type=float, default=d.filter_thres,
+                   help=f"top-k as a fraction: keep the top (1 - F) of the image vocabulary (default {d.filter_thres})")
+    p.add_argument("--top-k", type=int, default=None, help="top-k as a count (overrides --filter-thres)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep this much probability mass")
+    p.add_argument("--cond-scale", type=float, default=d.cond_scale,
+                   help="classifier-free guidance scale (default 1: none; try 3)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.set_defaults(run=_run_generate)
+
+
+def _load_with_tokenizer(path, kind, flag: str):
+    from .data.tokenizer import CaptionTokenizer
+    from .training.export import load_trained
+
+    model, tokenizer = load_trained(path, kind)
+    if tokenizer is None:
+        raise ValueError(f"{flag} {path} has no tokenizer.model: export it from its run folder again, or copy the "
+                         f"run's sentencepiece model there as tokenizer.model")
+    return model, CaptionTokenizer(tokenizer)
+
+
+def _run_generate(args):
+    from tqdm import tqdm
+
+    from .data.pretokenize import default_device
+    from .generate import GenerateSettings, generate
+    from .models.clip import CLIP
+    from .models.dalle import DALLE
+
+    prompts = list(args.captions)
+    if args.prompts_file:
+        prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    dalle, tokenizer = _load_with_tokenizer(args.dalle, DALLE, "--dalle")
+    dalle.to(args.device or default_device())
+    clip = _load_with_tokenizer(args.clip, CLIP, "--clip") if args.clip else None
+    filter_thres = args.filter_thres if args.top_k is None else 1 - (args.top_k + 0.5) / dalle.num_image_tokens
+    settings = GenerateSettings(args.num_images, args.batch_size, args.seed, args.temperature, filter_thres,
+                                args.top_p, args.cond_scale, args.keep)
+    with tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not sys.stderr.isatty()) as bar:
+        results = generate(dalle, tokenizer, prompts, args.out, settings, clip, progress=bar)
+    images = sum(len(r.images) for r in results)
+    return f"generate: {images} images for {len(results)} prompts in {args.out} (grids: {args.out}/*.png)"
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="evaluate a dVAE, a DALL-E and/or generated images; writes JSON")
+    p.add_argument("--out", required=True, help="the JSON file to write")
+    p.add_argument("--vae", default=None, help="dVAE (export or train-vae run) to score on --images")
+    p.add_argument("--images", default=None, help="held-out raw image-text shards for --vae")
+    p.add_argument("--dalle", default=None, help="DALL-E (export or train-dalle run) to score on --tokens")
+    p.add_argument("--tokens", default=None, help="held-out token-shard folder (pretokenized with its dVAE)")
+    p.add_argument("--generations", default=None, help="the --out of dalle-ds generate: CLIP score, demo accuracy")
+    p.add_argument("--clip", default=None, help="CLIP (export or train-clip run) for the CLIP score")
+    p.add_argument("--max-samples", type=int, default=1_000, help="held-out samples to score (default 1000)")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args):
+    import json
+
+    from . import evaluate
+    from .models.clip import CLIP
+    from .models.dalle import DALLE
+    from .models.vae import DiscreteVAE
+    from .training.export import load_trained
+
+    pairs = {"--vae": (args.vae, args.images, "--images"), "--dalle": (args.dalle, args.tokens, "--tokens")}
+    for flag, (model, data, data_flag) in pairs.items():
+        if bool(model) != bool(data):
+            raise ValueError(f"{flag} and {data_flag} go together")
+    if not (args.vae or args.dalle or args.generations):
+        raise ValueError("nothing to evaluate: give --vae with --images, --dalle with --tokens, or --generations")
+    results = {}
+    if args.vae:
+        results["vae"] = evaluate.eval_vae(load_trained(args.vae, DiscreteVAE)[0], args.images, args.max_samples)
+    if args.dalle:
+        dalle, tokenizer = load_trained(args.dalle, DALLE)
+        if tokenizer is None:
+            raise ValueError(f"--dalle {args.dalle} has no tokenizer.model; export it from its run folder again")
+        results["dalle"] = evaluate.eval_dalle(dalle, tokenizer, args.tokens, args.max_samples)
+    if args.generations:
+        clip = _load_with_tokenizer(args.clip, CLIP, "--clip") if args.clip else None
+        results["generations"] = evaluate.eval_generations(args.generations, clip)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    return f"{evaluate.table(results)}\neval: wrote {args.out}"
+
+
+def _add_demo(sub):
+    p = sub.add_parser("demo", help="the quickstart: demo data -> tokenizer -> dVAE -> DALL-E (2 ranks) -> CLIP -> "
+                                    "images for held-out captions -> eval")
+    p.add_argument("--out", required=True, help="folder for everything the demo makes")
+    p.add_argument("--ranks", type=int, default=2, help="DALL-E training processes (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="dataset and training seed (default 0)")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args):
+    from .demo.quickstart import run_demo
+
+    return run_demo(args.out, ranks=args.ranks, seed=args.seed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dalle-ds", description="Train DALL-E at scale.")
     # the deepspeed launcher passes --local_rank=N; the rank is read from the environment instead
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_prep_folder, _add_train_tokenizer, _add_pretokenize, _add_decode_check, _add_trainers,
-                _add_export):
+                _add_export, _add_generate, _add_eval, _add_demo):
         add(sub)
     return parser
 

@@ -10,7 +10,7 @@ from dalle_ds.data.sources import raw_shard_samples
 from dalle_ds.data import stream as stream_module
 from dalle_ds.data.stream import ImageTextStream, StreamConfig
 from dalle_ds.data.tokenizer import CaptionTokenizer, train_tokenizer
-from tests.data_fixtures import COLOURS, good_sample, png_bytes, write_shard
+from data_fixtures import COLOURS, good_sample, png_bytes, write_shard
 
 SIZES = [6, 4, 7, 5]
 

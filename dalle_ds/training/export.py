@@ -1,5 +1,6 @@
 """export: a run folder's latest (ZeRO-sharded) checkpoint -> one model folder
-(``model.safetensors`` + ``config.json``) that ``from_pretrained`` loads without DeepSpeed."""
+(``model.safetensors`` + ``config.json``, and the captions' ``tokenizer.model``) that
+``from_pretrained`` loads without DeepSpeed; and ``load_trained``, which takes either."""
 
 from __future__ import annotations
 
@@ -9,17 +10,21 @@ from pathlib import Path
 import torch
 
 from ..files import atomic_write_bytes
-from ..models.pretrained import model_from_config
+from ..models.pretrained import CONFIG_FILE, model_from_config
 from . import checkpoint
 
 MODEL_CONFIG = "model_config.json"  # the model's config record, written by the trainer at start
 FROZEN_VAE = "vae"  # the frozen dVAE as given, in fp32: checkpoints may round it (bf16) or omit it
+TOKENIZER = "tokenizer.model"  # the captions' sentencepiece model travels with the weights
 
 
-def write_model_config(model, run_dir) -> None:
+def write_model_config(model, run_dir, tokenizer=None) -> None:
+    """At a run's start: what export needs besides the weights."""
     atomic_write_bytes(Path(run_dir) / MODEL_CONFIG, json.dumps(model.config_record(), indent=2).encode())
     if hasattr(model, "vae"):
         model.vae.save_pretrained(Path(run_dir) / FROZEN_VAE)
+    if tokenizer is not None:
+        atomic_write_bytes(Path(run_dir) / TOKENIZER, Path(tokenizer).read_bytes())
 
 
 def _trained_weights(folder: Path, tag: str) -> dict:
@@ -34,7 +39,8 @@ def _trained_weights(folder: Path, tag: str) -> dict:
     return module["module"]
 
 
-def export_run(run_dir, out_dir) -> Path:
+def consolidate(run_dir) -> torch.nn.Module:
+    """The model of a run folder's latest checkpoint, in fp32, without an engine."""
     run_dir = Path(run_dir)
     if not (run_dir / MODEL_CONFIG).is_file():
         raise ValueError(f"{run_dir} is not a training run folder (no {MODEL_CONFIG}); give the --out of a "
@@ -51,4 +57,31 @@ def export_run(run_dir, out_dir) -> Path:
         model.vae = DiscreteVAE.from_pretrained(run_dir / FROZEN_VAE).eval().requires_grad_(False)
         state.update({f"vae.{k}": v for k, v in model.vae.state_dict().items()})
     model.load_state_dict(state, strict=True)
-    return model.save_pretrained(out_dir)
+    return model
+
+
+def export_run(run_dir, out_dir) -> Path:
+    out = consolidate(run_dir).save_pretrained(out_dir)
+    if (Path(run_dir) / TOKENIZER).is_file():
+        atomic_write_bytes(out / TOKENIZER, (Path(run_dir) / TOKENIZER).read_bytes())
+    return out
+
+
+def load_trained(path, kind: type):
+    """(model, its tokenizer or None) from an exported model folder or a run folder (its latest
+    checkpoint); ValueError unless it holds a ``kind``."""
+    path = Path(path)
+    record_file = next((path / name for name in (CONFIG_FILE, MODEL_CONFIG) if (path / name).is_file()), None)
+    if record_file is None:
+        raise ValueError(f"{path} is neither a model folder (dalle-ds export writes one) nor a training run folder "
+                         f"(the --out of dalle-ds train-*)")
+    found = json.loads(record_file.read_text()).get("model_class")
+    if found != kind.__name__:
+        raise ValueError(f"{path} holds a {found}, not a {kind.__name__}: give the folder of a "
+                         f"{_TRAINED_BY.get(kind.__name__, 'training')} run or of its export")
+    model = kind.from_pretrained(path) if record_file.name == CONFIG_FILE else consolidate(path)
+    tokenizer = path / TOKENIZER
+    return model.eval(), (tokenizer if tokenizer.is_file() else None)
+
+
+_TRAINED_BY = {"DALLE": "train-dalle", "CLIP": "train-clip", "DiscreteVAE": "train-vae"}

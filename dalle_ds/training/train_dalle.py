@@ -19,6 +19,7 @@ from ..data.tokenizer import CaptionTokenizer
 from ..models.dalle import DALLE
 from ..models.pretrained import model_fingerprint
 from ..models.vae import DiscreteVAE
+from .export import load_trained
 from .metrics import dalle_flops_per_token
 from .optim import OptimConfig
 from .trainer import (CheckpointConfig, DataConfig, LoggingConfig, Trainer, TrainConfig, add_common_arguments,
@@ -79,7 +80,7 @@ class DalleTrainer(Trainer):
 
     def build_model(self) -> DALLE:
         self.tokenizer = CaptionTokenizer(self.args.tokenizer)
-        vae = DiscreteVAE.from_pretrained(self.args.vae)
+        vae = load_trained(self.args.vae, DiscreteVAE)[0]
         self.vae_fingerprint = model_fingerprint(vae)
         return DALLE(vae=vae, num_text_tokens=self.tokenizer.vocab_size, **to_dict(self.config.model))
 
@@ -125,7 +126,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="token-shard folder (from pretokenize), or a::0.7,b::0.3 with "
                                                  "data.resampled=true")
     p.add_argument("--tokenizer", required=True, help="the sentencepiece .model the captions use")
-    p.add_argument("--vae", required=True, help="the DiscreteVAE folder the token shards were made with")
+    p.add_argument("--vae", required=True, help="the dVAE the token shards were made with (export or train-vae run folder)")
     add_common_arguments(p)
 
 

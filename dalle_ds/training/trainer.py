@@ -117,7 +117,7 @@ class Trainer:
         torch.manual_seed(train.seed)  # the same initial weights on every rank
         self.model = self.build_model()
         if self.env.is_main:
-            write_model_config(self.model, self.run_dir)
+            write_model_config(self.model, self.run_dir, getattr(self.args, "tokenizer", None))
         self.flops_per_token = self.measure_flops_per_token()  # reads the full weights: before ZeRO-3 splits them
         self.batch = batch_layout(train.micro_batch, self.env.world_size, train.global_batch, train.grad_accumulation)
         optim = self.config.optim

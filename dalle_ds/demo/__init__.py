@@ -1,0 +1,1 @@
+"""The built-in demo: a captioned shapes dataset, its analyser, and the quickstart pipeline."""
