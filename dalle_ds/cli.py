@@ -66,7 +66,8 @@ def _run_train_tokenizer(args):
 def _add_pretokenize(sub):
     p = sub.add_parser("pretokenize", help="encode image-text shards into token shards with a frozen dVAE")
     p.add_argument("--data", required=True, nargs="+", help="input shards: brace pattern, glob, folder or tar paths")
-    p.add_argument("--vae", required=True, help="the dVAE: an export (or save_pretrained) folder, or a train-vae run folder")
+    p.add_argument("--vae", required=True,
+                   help="the dVAE: an export (or save_pretrained) folder, or a train-vae run folder")
     p.add_argument("--out", required=True, help="output folder: token shards, stats and manifest.json")
     p.add_argument("--job-index", type=int, default=None,
                    help="this job's index among --num-jobs (default: SLURM_ARRAY_TASK_ID, else RANK, else 0)")
@@ -164,7 +165,8 @@ def _add_generate(sub):
     p.add_argument("--num-images", type=int, default=d.num_images, help=f"images per prompt (default {d.num_images})")
     p.add_argument("--keep", type=int, default=None, help="with --clip: keep the best N per prompt (default all)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per pass (default {d.batch_size})")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"batch k of each prompt is seeded S + k (default {d.seed})")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help=f"batch k of each prompt is seeded S + k (default {d.seed})")
     p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature; 0: greedy")
     p.add_argument("--filter-thres", type=float, default=d.filter_thres,
                    help=f"top-k as a fraction: keep the top (1 - F) of the image vocabulary (default {d.filter_thres})")

@@ -81,8 +81,9 @@ def _sample(dalle: DALLE, tokenizer: CaptionTokenizer, prompt: str, settings: Ge
     for k, start in enumerate(range(0, settings.num_images, settings.batch_size)):
         n = min(settings.batch_size, settings.num_images - start)
         text = tokenizer.encode([prompt] * n, dalle.text_seq_len)
-        batch = dalle.generate_images(text.ids.to(device), mask=text.mask.to(device), filter_thres=settings.filter_thres,
-                                      temperature=settings.temperature, top_p=settings.top_p,
+        batch = dalle.generate_images(text.ids.to(device), mask=text.mask.to(device),
+                                      filter_thres=settings.filter_thres, temperature=settings.temperature,
+                                      top_p=settings.top_p,
                                       cond_scale=settings.cond_scale, seed=settings.seed + k)
         images.append(batch.float().clamp(0, 1).cpu())
         seeds += [(settings.seed + k, i) for i in range(n)]

@@ -54,7 +54,8 @@ def test_generate_writes_images_sidecars_and_grids_reproducibly(models, tmp_path
 
     assert generate(models, tmp_path / "b", "--seed", "5", "--clip", str(models / "clip")) == 0
     again = next(p for p in sorted((tmp_path / "b").glob("000-*")) if p.is_dir())
-    assert [p.read_bytes() for p in sorted(folder.glob("*.png"))] == [p.read_bytes() for p in sorted(again.glob("*.png"))]
+    pngs = [sorted(f.glob("*.png")) for f in (folder, again)]
+    assert [p.read_bytes() for p in pngs[0]] == [p.read_bytes() for p in pngs[1]]
 
 
 def test_keep_and_sampling_flags(models, tmp_path):

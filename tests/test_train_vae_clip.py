@@ -153,3 +153,26 @@ def test_export_gives_the_engines_outputs_without_deepspeed(inputs, tmp_path, jo
 def _images():
     torch.manual_seed(0)
     return torch.rand(2, 3, 16, 16)
+
+
+POISONED = """
+import json, sys, torch
+from dalle_ds.cli import build_parser
+from dalle_ds.training.train_vae import VaeTrainer
+trainer = VaeTrainer(build_parser().parse_args(sys.argv[1:]))
+calls = []
+def poison(grad):  # the loss stays finite; one backward's gradient does not
+    calls.append(1)
+    return grad * float("nan") if len(calls) == 3 else grad
+next(trainer.model.parameters()).register_hook(poison)
+trainer.train()
+finite = all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
+print(json.dumps({"skipped": trainer.engine.skipped_steps, "finite": finite}))
+"""
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_skips_the_step(inputs, tmp_path):
+    argv = command("train-vae", inputs, tmp_path / "run", "train.steps=6")
+    result = json.loads(run([sys.executable, "-c", POISONED, "train-vae", *argv[3:]]).splitlines()[-1])
+    assert result == {"skipped": 1, "finite": True}
+    assert rows(tmp_path / "run", "train/overflow_skipped_steps")[6] == 1

@@ -22,7 +22,7 @@ from PIL import Image
 from ..cli import main as cli
 from ..data.decode_check import caption_grid
 from .dataset import write_demo_dataset
-from .shapes import BACKGROUNDS, HELD_OUT, SIZES
+from .shapes import BACKGROUNDS, HELD_OUT, POSITIONS, SIZES, Scene
 
 @dataclass(frozen=True)
 class DemoPlan:
@@ -32,9 +32,9 @@ class DemoPlan:
     heldout_samples: int = 200
     samples_per_shard: int = 500  # 8 training shards: 2 ranks x 1 data worker read 4 each
     vocab_size: int = 400
-    vae_steps: int = 250
+    vae_steps: int = 400
     dalle_steps: int = 1_200
-    clip_steps: int = 500
+    clip_steps: int = 2_000
     images_per_prompt: int = 8
 
     def vae(self) -> list[str]:
@@ -45,8 +45,9 @@ class DemoPlan:
 
     def dalle(self) -> list[str]:
         return ["model.dim=128", "model.depth=4", "model.heads=4", "model.dim_head=32", "model.text_seq_len=16",
-                "model.null_cond_prob=0.2", "train.micro_batch=16", "optim.lr=3e-3", "logging.sample_cond_scale=3.0",
-                "train.deepspeed_config=ds_configs/zero2.json", *self._schedule(self.dalle_steps, "logging.sample_every_steps")]
+                "model.null_cond_prob=0.1", "train.micro_batch=16", "optim.lr=3e-3", "logging.sample_cond_scale=1.0",
+                "train.deepspeed_config=ds_configs/zero2.json",
+                *self._schedule(self.dalle_steps, "logging.sample_every_steps")]
 
     def clip(self) -> list[str]:
         return ["model.dim_text=64", "model.dim_image=64", "model.dim_latent=64", "model.text_enc_depth=2",
@@ -69,9 +70,9 @@ class DemoPlan:
 
 
 def heldout_prompts() -> list[str]:
-    """Every held-out (colour, shape) pair at each size on each background, in the centre."""
-    return [f"a {size} {colour} {shape} in the centre on a {background} background"
-            for colour, shape in HELD_OUT for size in SIZES for background in BACKGROUNDS]
+    """Every held-out (colour, shape) pair at each size, position and background (80 captions)."""
+    return [Scene(colour, shape, size, position, background).caption(0) for colour, shape in HELD_OUT
+            for size in SIZES for position in POSITIONS for background in BACKGROUNDS]
 
 
 class _Steps:
@@ -96,7 +97,8 @@ def _cli(*args: str) -> None:
 
 def _process(*args: str, ranks: int = 1) -> None:
     """A trainer in its own process(es), as the user runs it: DeepSpeed owns the process group."""
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // ranks)))}
+    threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // ranks)))
+    env = {**os.environ, "OMP_NUM_THREADS": threads}
     launcher = ([sys.executable, "-m", "dalle_ds.cli"] if ranks == 1 else
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
                  "-m", "dalle_ds.cli"])
@@ -111,7 +113,7 @@ def _overview(samples: Path, out_png: Path) -> None:
         best = grid_folder / "000.png"
         images.append(torch.from_numpy(np.asarray(Image.open(best).convert("RGB")).copy()).permute(2, 0, 1))
         captions.append(grid_folder.name.split("-", 1)[1].replace("-", " "))
-    caption_grid(torch.stack(images).float() / 255, captions, columns=4).save(out_png)
+    caption_grid(torch.stack(images).float() / 255, captions, columns=8).save(out_png)
 
 
 def run_demo(out, ranks: int = 2, seed: int = 0, plan: DemoPlan = DemoPlan()) -> str:
@@ -141,10 +143,11 @@ def run_demo(out, ranks: int = 2, seed: int = 0, plan: DemoPlan = DemoPlan()) ->
         _process("train-clip", "--data", str(data / "train"), "--tokenizer", str(tokenizer), "--out",
                  str(runs / "clip"), *plan.clip(), *seeds),
         _cli("export", str(runs / "clip"), "--out", str(models / "clip"))))
-    samples = out / "samples"
+    samples, prompts = out / "samples", out / "heldout_prompts.txt"
+    prompts.write_text("\n".join(heldout_prompts()) + "\n")
     steps.run("generate (held-out captions)", samples, lambda: _cli(
         "generate", "--dalle", str(models / "dalle"), "--clip", str(models / "clip"), "--out", str(samples),
-        "--seed", str(seed), *plan.generate(), *heldout_prompts()))
+        "--seed", str(seed), "--prompts-file", str(prompts), *plan.generate()))
     overview = out / "samples.png"
     steps.run("overview grid", overview, lambda: _overview(samples, overview))
     results = out / "eval.json"

@@ -45,7 +45,6 @@ class Scene:
     size: str
     position: str
     background: str
-    jitter: tuple[int, int] = (0, 0)  # cells the shape is moved by, within the frame
 
     def caption(self, phrasing: int = 0) -> str:
         return PHRASINGS[phrasing].format(size=self.size, colour=self.colour, shape=self.shape,
@@ -73,7 +72,7 @@ def _corner(scene: Scene) -> tuple[int, int]:
     free = CELLS - SIZES[scene.size]
     x = {"left": 1, "right": free - 1}.get(scene.position, free // 2)
     y = {"top": 1, "bottom": free - 1}.get(scene.position, free // 2)
-    return min(max(x + scene.jitter[0], 0), free), min(max(y + scene.jitter[1], 0), free)
+    return x, y
 
 
 def render(scene: Scene) -> np.ndarray:
@@ -92,8 +91,8 @@ def scenes(split: str, count: int, seed: int = 0) -> list[Scene]:
     if chosen is None:
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     rng = random.Random(f"{seed}/{split}")
-    return [Scene(*rng.choice(chosen), rng.choice(list(SIZES)), rng.choice(POSITIONS), rng.choice(list(BACKGROUNDS)),
-                  (rng.randint(-1, 1), rng.randint(-1, 1))) for _ in range(count)]
+    return [Scene(*rng.choice(chosen), rng.choice(list(SIZES)), rng.choice(POSITIONS), rng.choice(list(BACKGROUNDS)))
+            for _ in range(count)]
 
 
 # ---- reading generated pixels back -----------------------------------------------------------

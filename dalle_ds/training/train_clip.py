@@ -130,8 +130,9 @@ class ClipTrainer(Trainer):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="raw image-text shards: a folder, glob or brace pattern "
-                                                 "(shards/{00000..00099}.tar), or a::0.7,b::0.3 with data.resampled=true")
+    p.add_argument("--data", required=True,
+                   help="raw image-text shards: a folder, glob or brace pattern (shards/{00000..00099}.tar), "
+                        "or a::0.7,b::0.3 with data.resampled=true")
     p.add_argument("--tokenizer", required=True, help="the sentencepiece .model for the captions")
     add_common_arguments(p)
 

@@ -126,7 +126,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="token-shard folder (from pretokenize), or a::0.7,b::0.3 with "
                                                  "data.resampled=true")
     p.add_argument("--tokenizer", required=True, help="the sentencepiece .model the captions use")
-    p.add_argument("--vae", required=True, help="the dVAE the token shards were made with (export or train-vae run folder)")
+    p.add_argument("--vae", required=True,
+                   help="the dVAE the token shards were made with (export or train-vae run folder)")
     add_common_arguments(p)
 
 

@@ -11,12 +11,14 @@ import argparse
 import dataclasses
 import math
 import signal
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from pathlib import Path
+from tqdm import tqdm
 
 from ..config import batch_layout, load_config, to_dict, write_resolved
 from ..data.stream import ShardStream, StreamConfig
@@ -152,10 +154,14 @@ class Trainer:
     def train(self) -> Progress:
         batches = iter(self.stream)
         throughput, bad_in_row = Throughput(), 0
+        bar = tqdm(total=self.config.train.steps, initial=self.progress.step, desc=self.command, unit="step",
+                   disable=not (self.env.is_main and sys.stderr.isatty()))
         while self.progress.step < self.config.train.steps:
             logs, bad_in_row = self._optimizer_step(batches, throughput, bad_in_row)
+            bar.update(1)
             if self.progress.step % self.config.logging.every_steps == 0:
                 self._log(logs, throughput)
+                bar.set_postfix(loss=f"{logs[self.loss_names[0]]:.4f}")
             preempted = self.preemption.agreed(self.engine.device)  # then save at once, no pictures
             if not preempted:
                 self.visualise()
@@ -164,6 +170,7 @@ class Trainer:
                 self._save()
             if preempted:
                 break
+        bar.close()
         self.metrics.close()
         return self.progress
 
@@ -214,7 +221,9 @@ class Trainer:
         if self.engine.fp16_enabled():  # ZeRO's optimizers call it cur_scale, stage 0's loss_scale
             optimizer = self.engine.optimizer
             logs["train/loss_scale"] = float(getattr(optimizer, "cur_scale", getattr(optimizer, "loss_scale", 0.0)))
-            logs["train/overflow_skipped_steps"] = self.engine.skipped_steps
+        # steps DeepSpeed skipped for non-finite gradients (a finite loss can still have them):
+        # fp16 at every stage, fp32 and bf16 at ZeRO-1/2
+        logs["train/overflow_skipped_steps"] = self.engine.skipped_steps
         logs["data/truncated_captions"] = self.stream.truncated_captions
         logs.update({f"data/rejects/{reason}": n for reason, n in self.stream.rejects.counts.items()})
         logs.update(self.extra_logs())  # collective: every rank calls it
