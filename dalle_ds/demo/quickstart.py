@@ -9,6 +9,7 @@ interrupted demo continues where it stopped.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -21,8 +22,10 @@ from PIL import Image
 
 from ..cli import main as cli
 from ..data.decode_check import caption_grid
+from ..files import atomic_write
 from .dataset import write_demo_dataset
 from .shapes import BACKGROUNDS, HELD_OUT, POSITIONS, SIZES, Scene
+
 
 @dataclass(frozen=True)
 class DemoPlan:
@@ -76,8 +79,10 @@ def heldout_prompts() -> list[str]:
 
 
 class _Steps:
-    def __init__(self, out: Path):
-        self.out, self.start, self.times = out, time.perf_counter(), {}
+    """Runs each step once: a step whose output exists is reported done and skipped."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
 
     def run(self, name: str, done: Path, action) -> None:
         if done.exists():
@@ -86,8 +91,7 @@ class _Steps:
         print(f"[demo] {name} ...", flush=True)
         began = time.perf_counter()
         action()
-        self.times[name] = time.perf_counter() - began
-        print(f"[demo] {name}: {self.times[name]:.0f} s", flush=True)
+        print(f"[demo] {name}: {time.perf_counter() - began:.0f} s", flush=True)
 
 
 def _cli(*args: str) -> None:
@@ -106,6 +110,14 @@ def _process(*args: str, ranks: int = 1) -> None:
         raise RuntimeError(f"demo step failed: dalle-ds {' '.join(args)}")
 
 
+def _write_dataset(data: Path, plan: DemoPlan, seed: int) -> None:
+    """Beside its place first, then renamed: a half-written dataset is never taken for done."""
+    partial = data.with_name(data.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    write_demo_dataset(partial, plan.train_samples, plan.heldout_samples, seed, plan.samples_per_shard)
+    partial.rename(data)
+
+
 def _overview(samples: Path, out_png: Path) -> None:
     """The best image of each prompt, captioned, in one grid."""
     images, captions = [], []
@@ -113,7 +125,8 @@ def _overview(samples: Path, out_png: Path) -> None:
         best = grid_folder / "000.png"
         images.append(torch.from_numpy(np.asarray(Image.open(best).convert("RGB")).copy()).permute(2, 0, 1))
         captions.append(grid_folder.name.split("-", 1)[1].replace("-", " "))
-    caption_grid(torch.stack(images).float() / 255, captions, columns=8).save(out_png)
+    grid = caption_grid(torch.stack(images).float() / 255, captions, columns=8)
+    atomic_write(out_png, lambda path: grid.save(path, format="PNG"))
 
 
 def run_demo(out, ranks: int = 2, seed: int = 0, plan: DemoPlan = DemoPlan()) -> str:
@@ -121,10 +134,9 @@ def run_demo(out, ranks: int = 2, seed: int = 0, plan: DemoPlan = DemoPlan()) ->
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # for the trainers this process starts, too
     out = Path(out)
     data, runs, models = out / "data", out / "runs", out / "models"
-    steps = _Steps(out)
-    seeds = [f"train.seed={seed}"]
-    steps.run("dataset", data / "heldout", lambda: write_demo_dataset(
-        data, plan.train_samples, plan.heldout_samples, seed, plan.samples_per_shard))
+    steps = _Steps()
+    seeds = [f"train.seed={seed}", "--resume"]  # an interrupted run continues from its last checkpoint
+    steps.run("dataset", data, lambda: _write_dataset(data, plan, seed))
     tokenizer = out / "tokenizer.model"
     steps.run("tokenizer", tokenizer, lambda: _cli("train-tokenizer", "--data", str(data / "train"), "--out",
                                                    str(tokenizer), "--vocab-size", str(plan.vocab_size)))
@@ -145,11 +157,10 @@ def run_demo(out, ranks: int = 2, seed: int = 0, plan: DemoPlan = DemoPlan()) ->
         _cli("export", str(runs / "clip"), "--out", str(models / "clip"))))
     samples, prompts = out / "samples", out / "heldout_prompts.txt"
     prompts.write_text("\n".join(heldout_prompts()) + "\n")
-    steps.run("generate (held-out captions)", samples, lambda: _cli(
+    overview = out / "samples.png"  # written last: generation finished
+    steps.run("generate (held-out captions)", overview, lambda: (_cli(
         "generate", "--dalle", str(models / "dalle"), "--clip", str(models / "clip"), "--out", str(samples),
-        "--seed", str(seed), "--prompts-file", str(prompts), *plan.generate()))
-    overview = out / "samples.png"
-    steps.run("overview grid", overview, lambda: _overview(samples, overview))
+        "--seed", str(seed), "--prompts-file", str(prompts), *plan.generate()), _overview(samples, overview)))
     results = out / "eval.json"
     steps.run("eval", results, lambda: _cli(
         "eval", "--out", str(results), "--vae", str(models / "vae"), "--images", str(data / "heldout"),
