@@ -113,6 +113,9 @@ def test_two_ranks_learn(inputs, tmp_path, job, ds_config):
     assert mean(losses[-10:]) < 0.8 * mean(losses[:10]), losses
     if job == "train-clip":
         assert rows(tmp_path / "run", "clip/text_to_image_top1")[steps] >= 0.75  # 4 colours, 16 samples
+        logged = events(tmp_path / "run")
+        for tag in ("clip/text_to_image_top1", "clip/image_to_text_top1"):
+            assert [(e.step, 0 <= e.value <= 1) for e in logged.Scalars(tag)] == [(steps, True)]
 
 
 ENGINE_OUTPUT = """
