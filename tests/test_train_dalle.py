@@ -85,6 +85,12 @@ def test_single_process_trains_resumes_exactly_and_logs(inputs, tmp_path):
     config = (tmp_path / "a" / "config.yaml").read_text()
     assert "micro_batch: 4" in config and "axial_row" in config
 
+    # a run folder serves generate as an export does: its latest checkpoint, with its tokenizer
+    out = run([sys.executable, "-m", "dalle_ds.cli", "generate", "--dalle", str(tmp_path / "a"), "--out",
+               str(tmp_path / "samples"), "--num-images", "2", "a red square"])
+    assert "generate: 2 images for 1 prompts" in out
+    assert len(list((tmp_path / "samples").glob("000-a-red-square/*.png"))) == 2
+
 
 @pytest.mark.parametrize("ds_config", ["zero2.json", "zero3_bf16.json"])
 def test_two_ranks_learn(inputs, tmp_path, ds_config):
