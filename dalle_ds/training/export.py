@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -35,7 +37,8 @@ def _trained_weights(folder: Path, tag: str) -> dict:
     states = sorted((folder / tag).glob("*model_states.pt"))
     module = torch.load(states[0], map_location="cpu", weights_only=False)  # our own run's checkpoint
     if module.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0) >= 1:
-        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress prints would mix into our commands' output
+            return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
     return module["module"]
 
 
