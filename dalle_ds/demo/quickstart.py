@@ -130,7 +130,9 @@ def _overview(samples: Path, out_png: Path) -> None:
 
 
 def run_demo(out, ranks: int = 2, seed: int = 0, plan: DemoPlan = DemoPlan()) -> str:
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        ranks = min(ranks, torch.cuda.device_count())  # a rank per GPU
+    else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # for the trainers this process starts, too
     out = Path(out)
     data, runs, models = out / "data", out / "runs", out / "models"
