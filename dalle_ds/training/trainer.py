@@ -122,13 +122,7 @@ class Trainer:
             write_model_config(self.model, self.run_dir, getattr(self.args, "tokenizer", None))
         self.flops_per_token = self.measure_flops_per_token()  # reads the full weights: before ZeRO-3 splits them
         self.batch = batch_layout(train.micro_batch, self.env.world_size, train.global_batch, train.grad_accumulation)
-        optim = self.config.optim
-        if optim.total_steps is None:  # decay over the whole run
-            optim = dataclasses.replace(optim, total_steps=train.steps)
-        engine_settings = load_ds_config(train.deepspeed_config)
-        self.engine, self.scheduler = build_engine(self.model, engine_settings, self.batch, optim)
-        self.precision = next((d for name, d in (("bf16", torch.bfloat16), ("fp16", torch.float16))
-                               if engine_settings.get(name, {}).get("enabled")), torch.float32)
+        self._build_engine()
         self.peak_flops = self.config.logging.peak_flops or measure_peak_flops(self.precision)
         torch.manual_seed(train.seed + 1 + self.env.rank)  # per-rank dropout, caption drops, Gumbel noise
         self.stream = self.build_stream()
@@ -140,6 +134,16 @@ class Trainer:
             self._resume()
         self.metrics = MetricsWriter(self.run_dir, self.env.is_main)
         self.preemption = _Preemption()
+
+    def _build_engine(self) -> None:
+        """The DeepSpeed engine and its schedule; ``precision``: the dtype the engine computes in."""
+        train, optim = self.config.train, self.config.optim
+        if optim.total_steps is None:  # decay over the whole run
+            optim = dataclasses.replace(optim, total_steps=train.steps)
+        settings = load_ds_config(train.deepspeed_config)
+        self.engine, self.scheduler = build_engine(self.model, settings, self.batch, optim)
+        self.precision = next((dtype for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))
+                               if settings.get(name, {}).get("enabled")), torch.float32)
 
     def _resume(self) -> None:
         loaded = checkpoint.load(self.engine, self.run_dir)
