@@ -114,7 +114,8 @@ def _attribute_accuracy(generated) -> dict:
         if wanted["colour"] is None or wanted["shape"] is None:
             continue
         seen = analyse(np.asarray(Image.open(path).convert("RGB")))
-        for scope in ("all", "best") if meta.get("rank") == 0 else ("all",):
+        ranked_first = meta.get("rank") == 0 and meta.get("clip_score") is not None
+        for scope in ("all", "best") if ranked_first else ("all",):
             hits[f"{scope}/colour"].append(seen["colour"] == wanted["colour"])
             hits[f"{scope}/shape"].append(seen["shape"] == wanted["shape"])
             hits[f"{scope}/both"].append(seen == wanted)

@@ -100,6 +100,8 @@ def _clip_scores(clip: tuple[CLIP, CaptionTokenizer], prompt: str, images: torch
 def _write(out: Path, index: int, prompt: str, ranked, settings: GenerateSettings) -> Generated:
     folder = out / slug(prompt, index)
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in [*folder.glob("[0-9][0-9][0-9].png"), *folder.glob("[0-9][0-9][0-9].json")]:
+        stale.unlink()  # an earlier run's images: eval must not count them with these
     paths = []
     for rank, (image, (seed, position), score) in enumerate(ranked):
         path = folder / f"{rank:03d}.png"

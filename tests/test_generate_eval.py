@@ -59,8 +59,9 @@ def test_generate_writes_images_sidecars_and_grids_reproducibly(models, tmp_path
 
 
 def test_keep_and_sampling_flags(models, tmp_path):
+    assert generate(models, tmp_path, "--clip", str(models / "clip")) == 0  # 3 images per prompt
     assert generate(models, tmp_path, "--clip", str(models / "clip"), "--keep", "1", "--top-k", "4",
-                    "--temperature", "0.5", "--top-p", "0.9", "--cond-scale", "2") == 0
+                    "--temperature", "0.5", "--top-p", "0.9", "--cond-scale", "2") == 0  # the same folder again
     folders = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert len(folders) == 2 and all(len(list(f.glob("*.png"))) == 1 for f in folders)
     settings = json.loads(next(folders[0].glob("*.json")).read_text())["settings"]
@@ -111,7 +112,7 @@ def write_generations(folder, pairs):
         sub = folder / f"{i:03d}"
         sub.mkdir(parents=True)
         Image.fromarray(render(scene)).save(sub / "000.png")
-        (sub / "000.json").write_text(json.dumps({"prompt": prompt, "rank": 0, "seed": 0}))
+        (sub / "000.json").write_text(json.dumps({"prompt": prompt, "rank": 0, "seed": 0, "clip_score": 0.5}))
 
 
 def test_eval_reads_colour_and_shape_from_generated_pixels(models, tmp_path):
