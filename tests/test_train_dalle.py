@@ -77,7 +77,8 @@ def test_single_process_trains_resumes_exactly_and_logs(inputs, tmp_path):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"loss/total", "loss/text", "loss/image", "train/lr", "train/grad_norm", "perf/tokens_per_s",
-            "perf/samples_per_s", "perf/tokens_per_s_per_device", "perf/data_wait_share",
+            "perf/samples_per_s", "perf/tokens_per_s_per_device", "perf/samples_per_s_per_device",
+            "perf/data_wait_share",
             "train/skipped_steps", "perf/mfu"} <= tags
     assert [e.step for e in events.Scalars("loss/total")] == list(range(1, 9))
     assert [image.step for image in events.Images("samples")] == [8]  # generated for the data's first captions

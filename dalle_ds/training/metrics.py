@@ -26,6 +26,7 @@ class Throughput:
         """Global rates (this rank's counts times the ranks: every rank has the same batch)."""
         seconds = max(time.perf_counter() - self.start, 1e-9)
         rates = {"perf/samples_per_s": self.samples * world_size / seconds,
+                 "perf/samples_per_s_per_device": self.samples / seconds,
                  "perf/tokens_per_s": self.tokens * world_size / seconds,
                  "perf/tokens_per_s_per_device": self.tokens / seconds,
                  "perf/data_wait_share": self.data_wait / seconds}
