@@ -3,6 +3,7 @@ decoded, one process and two ranks under torchrun at ZeRO-2 and ZeRO-3 bf16, exa
 TensorBoard output, export round trip."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,8 +49,6 @@ def command(job, inputs, out, *extra, ranks=1, ds_config="zero2.json"):
 
 
 def run(cmd):
-    import os
-
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PATH": f"{ENV_PATH}:{os.environ['PATH']}"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -179,3 +178,12 @@ def test_a_non_finite_gradient_with_a_finite_loss_skips_the_step(inputs, tmp_pat
     result = json.loads(run([sys.executable, "-c", POISONED, "train-vae", *argv[3:]]).splitlines()[-1])
     assert result == {"skipped": 1, "finite": True}
     assert rows(tmp_path / "run", "train/overflow_skipped_steps")[6] == 1
+
+
+def test_non_finite_gradients_step_after_step_stop_the_run(inputs, tmp_path):
+    always = POISONED.replace("if len(calls) == 3 else grad", "")
+    argv = command("train-vae", inputs, tmp_path / "run", "train.steps=6", "train.max_bad_steps=2")
+    done = subprocess.run([sys.executable, "-c", always, "train-vae", *argv[3:]], capture_output=True, text=True,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"}, timeout=300)
+    assert done.returncode != 0
+    assert "2 optimizer steps with non-finite gradients (skipped by DeepSpeed) in a row at step 1" in done.stderr

@@ -46,7 +46,7 @@ class TrainConfig:
     grad_accumulation: int | None = None  # derived from global_batch when that is set
     seed: int = 0  # model init, data order and dropout
     deepspeed_config: str = "ds_configs/zero2.json"  # engine settings: ZeRO stage, precision, offload
-    max_bad_steps: int = 10  # stop after this many non-finite losses in a row
+    max_bad_steps: int = 10  # stop after this many non-finite losses (or skipped non-finite-gradient steps) in a row
 
 
 @dataclass
@@ -77,6 +77,14 @@ def _same_on_every_rank(value, what: str) -> None:
     dist.all_gather_object(values, value)
     if len(set(values)) > 1:
         raise ValueError(f"ranks disagree on {what}; start them on the same, finished data")
+
+
+@dataclass
+class _BadSteps:
+    """What went wrong in a row; train.max_bad_steps of either stops the run."""
+
+    losses: int = 0  # micro-batches with a non-finite loss
+    gradients: int = 0  # optimizer steps DeepSpeed skipped for non-finite gradients
 
 
 class _Preemption:
@@ -157,11 +165,11 @@ class Trainer:
 
     def train(self) -> Progress:
         batches = iter(self.stream)
-        throughput, bad_in_row = Throughput(), 0
+        throughput, bad = Throughput(), _BadSteps()
         bar = tqdm(total=self.config.train.steps, initial=self.progress.step, desc=self.command, unit="step",
                    disable=not (self.env.is_main and sys.stderr.isatty()))
         while self.progress.step < self.config.train.steps:
-            logs, bad_in_row = self._optimizer_step(batches, throughput, bad_in_row)
+            logs = self._optimizer_step(batches, throughput, bad)
             bar.update(1)
             if self.progress.step % self.config.logging.every_steps == 0:
                 self._log(logs, throughput)
@@ -178,10 +186,11 @@ class Trainer:
         self.metrics.close()
         return self.progress
 
-    def _optimizer_step(self, batches, throughput: Throughput, bad_in_row: int):
+    def _optimizer_step(self, batches, throughput: Throughput, bad: "_BadSteps") -> dict:
         """One optimizer step: grad_accumulation micro-batches through the engine. Micro-batches
         whose loss is non-finite on any rank are dropped on every rank."""
         micro, lr, totals = 0, self.scheduler.get_last_lr()[0], torch.zeros(len(self.loss_names))
+        skipped_before = self.engine.skipped_steps
         while micro < self.batch.grad_accumulation:
             waited = time.perf_counter()
             batch = {k: v.to(self.engine.device, non_blocking=True) for k, v in next(batches).items()}
@@ -189,23 +198,32 @@ class Trainer:
             losses = self.losses(batch)
             if not self._finite_everywhere(losses[0]):
                 self.progress.skipped_steps += 1
-                bad_in_row += 1
-                if bad_in_row >= self.config.train.max_bad_steps:
-                    raise RuntimeError(f"{bad_in_row} non-finite losses in a row at step {self.progress.step}: "
-                                       f"stopping; the last good checkpoint in {self.run_dir} is intact (lower "
-                                       f"optim.lr, or try a bf16 ds_config{self.stability_hint()})")
+                bad.losses += 1
+                self._stop_after(bad.losses, "non-finite losses")
                 continue
-            bad_in_row = 0
+            bad.losses = 0
             self.engine.backward(losses[0])
             self.engine.step()
             micro += 1
             totals += torch.stack(losses).detach().float().cpu()
             samples = next(iter(batch.values())).shape[0]
             throughput.add(samples, self.tokens(batch), data_wait)
+        # DeepSpeed skipped the step for non-finite gradients; fp16 loss scaling does so by design
+        if self.engine.skipped_steps > skipped_before and not self.engine.fp16_enabled():
+            bad.gradients += 1
+            self._stop_after(bad.gradients, "optimizer steps with non-finite gradients (skipped by DeepSpeed)")
+        else:
+            bad.gradients = 0
         self.progress.step += 1
         self.progress.samples += self.batch.global_batch
         means = (totals / self.batch.grad_accumulation).tolist()
-        return {**dict(zip(self.loss_names, means)), "train/lr": lr}, bad_in_row
+        return {**dict(zip(self.loss_names, means)), "train/lr": lr}
+
+    def _stop_after(self, in_row: int, what: str) -> None:
+        if in_row >= self.config.train.max_bad_steps:
+            raise RuntimeError(f"{in_row} {what} in a row at step {self.progress.step}: stopping; the last good "
+                               f"checkpoint in {self.run_dir} is intact (lower optim.lr, or try a bf16 "
+                               f"ds_config{self.stability_hint()})")
 
     def _finite_everywhere(self, loss: torch.Tensor) -> bool:
         flag = (~torch.isfinite(loss.detach())).float().reshape(1)  # on the engine's device: nccl needs it
