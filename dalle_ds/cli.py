@@ -179,6 +179,7 @@ def _add_generate(sub):
 
 
 def _load_with_tokenizer(path, kind, flag: str):
+    """(model, its CaptionTokenizer) from an export or a run folder."""
     from .data.tokenizer import CaptionTokenizer
     from .training.export import load_trained
 
@@ -244,9 +245,7 @@ def _run_eval(args):
     if args.vae:
         results["vae"] = evaluate.eval_vae(load_trained(args.vae, DiscreteVAE)[0], args.images, args.max_samples)
     if args.dalle:
-        dalle, tokenizer = load_trained(args.dalle, DALLE)
-        if tokenizer is None:
-            raise ValueError(f"--dalle {args.dalle} has no tokenizer.model; export it from its run folder again")
+        dalle, tokenizer = _load_with_tokenizer(args.dalle, DALLE, "--dalle")
         results["dalle"] = evaluate.eval_dalle(dalle, tokenizer, args.tokens, args.max_samples)
     if args.generations:
         clip = _load_with_tokenizer(args.clip, CLIP, "--clip") if args.clip else None

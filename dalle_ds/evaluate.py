@@ -54,16 +54,16 @@ def eval_vae(vae: DiscreteVAE, shards: str, max_samples: int, batch_size: int = 
 
 
 @torch.inference_mode()
-def eval_dalle(dalle: DALLE, tokenizer, tokens: str, max_samples: int, batch_size: int = 32) -> dict:
-    stream = TokenStream(tokens, tokenizer, dalle.text_seq_len, StreamConfig(num_workers=0),
+def eval_dalle(dalle: DALLE, tokenizer: CaptionTokenizer, tokens: str, max_samples: int,
+               batch_size: int = 32) -> dict:
+    stream = TokenStream(tokens, None, dalle.text_seq_len, StreamConfig(num_workers=0),
                          vae_fingerprint=model_fingerprint(dalle.vae))
     samples = stream.first_samples(max_samples)
     if not samples:
         raise ValueError(f"{tokens} holds no token samples to evaluate DALL-E on")
-    encoder = CaptionTokenizer(tokenizer)
     sums, n = torch.zeros(3, dtype=torch.float64), 0
     for batch in _batches(samples, batch_size):
-        text = encoder.encode([caption for _, caption in batch], dalle.text_seq_len)
+        text = tokenizer.encode([caption for _, caption in batch], dalle.text_seq_len)
         codes = torch.from_numpy(np.stack([c.astype(np.int64) for c, _ in batch]))
         losses = dalle(text.ids, codes, mask=text.mask, return_loss=True, return_loss_breakdown=True)
         sums += torch.stack(losses).double() * len(batch)
@@ -90,12 +90,14 @@ def eval_generations(folder, clip: tuple[CLIP, CaptionTokenizer] | None = None) 
     result: dict = {"images": len(generated), "prompts": len({meta["prompt"] for _, meta in generated})}
     if clip is not None:
         model, tokenizer = clip
-        scores = []
+        by_prompt = defaultdict(list)
         for path, meta in generated:
-            image = _load(path, model.image_size)
-            text = tokenizer.encode([meta["prompt"]], model.text_seq_len)
-            cosine = (model.embed_text(text.ids, text.mask) * model.embed_image(image)).sum()
-            scores.append(100 * float(cosine))
+            by_prompt[meta["prompt"]].append(path)
+        scores = []
+        for prompt, paths in by_prompt.items():  # each caption embedded once, its images in one batch
+            text = tokenizer.encode([prompt], model.text_seq_len)
+            images = torch.cat([_load(path, model.image_size) for path in paths])
+            scores += (100 * model.embed_image(images) @ model.embed_text(text.ids, text.mask)[0]).tolist()
         result["clip_score"] = float(np.mean(scores))
     result.update(_attribute_accuracy(generated))
     return result

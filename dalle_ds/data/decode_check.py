@@ -4,7 +4,6 @@ captioned PNG grid, to see with one's own eyes that the codes are right."""
 from __future__ import annotations
 
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,25 +11,7 @@ from PIL import Image, ImageDraw
 
 from ..models.pretrained import model_fingerprint
 from ..models.vae import DiscreteVAE
-from .errors import Rejected
-from .manifest import Manifest, check_vae_fingerprint
-from .tar_reader import RejectCounts, caption_of, iter_shard
-from .token_shards import decode_codes
-
-
-def read_token_samples(folder, manifest: Manifest, limit: int):
-    """First ``limit`` good (codes, caption) pairs of the folder, in manifest order."""
-    dtype, n = np.dtype(manifest.codes_dtype), manifest.grid_size**2
-    found, rejects = [], RejectCounts()
-    for record in manifest.shards:
-        for sample in iter_shard(str(Path(folder) / record.name), rejects):
-            try:
-                found.append((decode_codes(sample.files.get("codes", b""), dtype, n), caption_of(sample)))
-            except (Rejected, ValueError):
-                continue  # decode-check shows what decodes; the stream counts the rest
-            if len(found) == limit:
-                return found
-    return found
+from .stream import StreamConfig, TokenStream
 
 
 def caption_grid(images: torch.Tensor, captions: list[str], columns: int = 4, min_cell: int = 128) -> Image.Image:
@@ -53,9 +34,9 @@ def caption_grid(images: torch.Tensor, captions: list[str], columns: int = 4, mi
 
 @torch.inference_mode()
 def decode_check(folder, vae: DiscreteVAE, out_png, num_samples: int = 16) -> int:
-    manifest = Manifest.load(folder)
-    check_vae_fingerprint(manifest.vae_fingerprint, model_fingerprint(vae), folder, "this VAE")
-    samples = read_token_samples(folder, manifest, num_samples)
+    # the stream refuses shards of another dVAE, and reads them as training will
+    stream = TokenStream(folder, None, 0, StreamConfig(num_workers=0), vae_fingerprint=model_fingerprint(vae))
+    samples = stream.first_samples(num_samples)
     if not samples:
         raise ValueError(f"{folder} holds no samples to decode")
     codes = torch.from_numpy(np.stack([c.astype(np.int64) for c, _ in samples]))

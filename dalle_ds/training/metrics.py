@@ -103,21 +103,21 @@ def measure_peak_flops(dtype, seconds: float = 0.3) -> float:
     return 2 * n**3 * runs / (time.perf_counter() - start)
 
 
-def training_flops(loss_fn) -> float:
-    """FLOPs of one forward and backward of ``loss_fn()`` (a scalar loss), as torch's
-    FlopCounterMode counts them: matmuls and convolutions, the work MFU is about."""
+def training_flops(model, loss_fn) -> float:
+    """FLOPs of one forward and backward of ``loss_fn()`` (a scalar loss of ``model``), as torch's
+    FlopCounterMode counts them: matmuls and convolutions, the work MFU is about. The gradients
+    it leaves are cleared."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
         loss_fn().backward()
+    model.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
 
 
 def codebook_usage(counts) -> dict:
     """From how often each code was chosen: the perplexity of that distribution (the number of
     codes in effective use) and the codes never chosen."""
-    import torch
-
     p = counts.double() / counts.sum().clamp(min=1)
     entropy = -(p * p.clamp(min=1e-30).log()).sum()
     return {"vae/codebook_perplexity": float(entropy.exp()), "vae/dead_codes": int((counts == 0).sum())}

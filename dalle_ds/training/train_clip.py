@@ -21,9 +21,7 @@ from ..data.stream import ImageTextStream
 from ..data.tokenizer import CaptionTokenizer
 from ..models.clip import CLIP
 from .metrics import training_flops
-from .optim import OptimConfig
-from .trainer import (CheckpointConfig, DataConfig, LoggingConfig, Trainer, TrainConfig, add_common_arguments,
-                      stream_config)
+from .trainer import LoggingConfig, RunConfig, Trainer, add_common_arguments, stream_config
 
 
 @dataclass
@@ -52,12 +50,8 @@ class ClipLoggingConfig(LoggingConfig):
 
 
 @dataclass
-class ClipRunConfig:
+class ClipRunConfig(RunConfig):
     model: ClipModelConfig = field(default_factory=ClipModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: ClipLoggingConfig = field(default_factory=ClipLoggingConfig)
 
 
@@ -90,8 +84,7 @@ class ClipTrainer(Trainer):
         m = self.config.model
         text = torch.randint(1, self.tokenizer.vocab_size, (2, m.text_seq_len))
         images = torch.rand(2, 3, m.visual_image_size, m.visual_image_size)
-        flops = training_flops(lambda: self.model(text, images, return_loss=True))
-        self.model.zero_grad(set_to_none=True)
+        flops = training_flops(self.model, lambda: self.model(text, images, return_loss=True))
         return flops / (2 * self._tokens_per_sample())
 
     def _tokens_per_sample(self) -> int:

@@ -21,9 +21,7 @@ from ..models.pretrained import model_fingerprint
 from ..models.vae import DiscreteVAE
 from .export import load_trained
 from .metrics import dalle_flops_per_token
-from .optim import OptimConfig
-from .trainer import (CheckpointConfig, DataConfig, LoggingConfig, Trainer, TrainConfig, add_common_arguments,
-                      stream_config)
+from .trainer import LoggingConfig, RunConfig, Trainer, add_common_arguments, stream_config
 
 
 @dataclass
@@ -59,12 +57,8 @@ class DalleLoggingConfig(LoggingConfig):
 
 
 @dataclass
-class DalleRunConfig:
+class DalleRunConfig(RunConfig):
     model: DalleModelConfig = field(default_factory=DalleModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: DalleLoggingConfig = field(default_factory=DalleLoggingConfig)
 
 

@@ -22,9 +22,7 @@ from ..data.images import images_to_float
 from ..data.stream import ImageTextStream
 from ..models.vae import DiscreteVAE
 from .metrics import codebook_usage, training_flops
-from .optim import OptimConfig
-from .trainer import (CheckpointConfig, DataConfig, LoggingConfig, Trainer, TrainConfig, add_common_arguments,
-                      stream_config)
+from .trainer import LoggingConfig, RunConfig, Trainer, add_common_arguments, stream_config
 
 
 @dataclass
@@ -56,13 +54,9 @@ class VaeLoggingConfig(LoggingConfig):
 
 
 @dataclass
-class VaeRunConfig:
+class VaeRunConfig(RunConfig):
     model: VaeModelConfig = field(default_factory=VaeModelConfig)
     anneal: AnnealConfig = field(default_factory=AnnealConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: VaeLoggingConfig = field(default_factory=VaeLoggingConfig)
 
 
@@ -83,8 +77,7 @@ class VaeTrainer(Trainer):
 
     def measure_flops_per_token(self) -> float:
         size = self.model.image_size
-        flops = training_flops(lambda: self.model(torch.rand(1, 3, size, size), return_loss=True))
-        self.model.zero_grad(set_to_none=True)
+        flops = training_flops(self.model, lambda: self.model(torch.rand(1, 3, size, size), return_loss=True))
         return flops / self.model.grid_size**2
 
     def build_stream(self) -> ImageTextStream:

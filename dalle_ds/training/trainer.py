@@ -13,7 +13,7 @@ import math
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -59,6 +59,18 @@ class CheckpointConfig:
 class LoggingConfig:
     every_steps: int = 10  # TensorBoard and metrics.jsonl
     peak_flops: float | None = None  # per device, for MFU; None: measured at start (a matmul benchmark)
+
+
+@dataclass
+class RunConfig:
+    """The components every trainer shares; a trainer's run config adds ``model`` (and its own
+    sections) and may widen ``logging``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 @dataclass
