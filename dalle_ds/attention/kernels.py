@@ -1,8 +1,8 @@
 """Attention kernels for the patterns in ``patterns.py``, and the dispatch between them.
 
-einops legend: b batch, h heads, n sequence, d head dim; in ``gathered_attention`` g groups of
-a bucket, q queries per group, s image keys per group, a keys every image query is scored
-against (the text, then the pattern's shared image keys).
+einops legend: b batch, h heads, n sequence, d head dim; in the grouped kernel g groups of a
+bucket, q queries per group, s keys per group, a keys every query of the bucket is scored
+against (its shared keys).
 
 Paths, chosen automatically by ``attend``:
 - full pattern: fused causal SDPA (flash kernel on CPU and CUDA);
@@ -19,68 +19,79 @@ from torch.nn.attention import flex_attention as _flex
 
 from .patterns import AttentionPattern
 
-_FLEX_MIN_HEAD_DIM = 16  # FlexAttention's CUDA kernel rejects smaller heads
+_FLEX_MIN_HEAD_DIM = 16
+# The CPU path splits big buckets into chunks of at most this many scores per head. Smaller
+# temporaries are reused by the allocator instead of being mapped afresh (page faults) on every
+# call, and a chunk's scores stay nearer the cache: 2**15 measured best (benchmarks/bench_attention.py).
+_SCORES_PER_CHUNK = 1 << 15
 
 
-def _bias(pattern: AttentionPattern, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
-    """Additive mask (0 or -inf) of image queries ``q_idx[..., None]`` against image keys
-    ``k_idx[..., None, :]``; -1 entries are padding (padded keys are never seen)."""
-    layout = pattern.layout
-    q_pos = torch.where(q_idx >= 0, q_idx + layout.text_len, layout.total_len)  # padding: after all
-    allowed = pattern.allowed(q_pos[..., None], (k_idx + layout.text_len)[..., None, :]) & (k_idx >= 0)[..., None, :]
+def _bias(pattern: AttentionPattern, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """Additive mask (0 or -inf) of query positions ``q_pos[..., None]`` against key positions
+    ``k_pos[..., None, :]``; -1 entries are padding (padded keys are never seen)."""
+    q_pos = torch.where(q_pos >= 0, q_pos, pattern.layout.total_len)  # a padded query: after all
+    allowed = pattern.allowed(q_pos[..., None], k_pos[..., None, :]) & (k_pos >= 0)[..., None, :]
     return torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
 
 
 class _Bucket:
-    """One bucket of equally shaped groups and its additive mask (g, q, s)."""
+    """Sequence positions of one bucket's groups: queries (g, q), keys (g, s) scored under
+    ``bias`` (g, q, s), and the keys (a,) all its queries see unmasked; -1 = padding."""
 
-    def __init__(self, pattern: AttentionPattern, q_idx: torch.Tensor, k_idx: torch.Tensor, device):
-        self.shape = (*q_idx.shape, k_idx.shape[1])  # (g, q, s)
-        self.bias = _bias(pattern, q_idx, k_idx).to(device)
+    def __init__(self, pattern: AttentionPattern, queries, keys, shared, device):
+        self.shape = (*queries.shape, keys.shape[1])  # (g, q, s)
+        self.bias = _bias(pattern, queries, keys).to(device)
+        self.queries, self.keys, self.shared = queries.flatten().to(device), keys.flatten().to(device), shared.to(device)
+
+    def positions(self, n: int):
+        """Query, key and shared positions as gather indices into a length-n prefix. Padding and
+        positions past the prefix may point at any row: such keys are masked by the bias or seen
+        only by queries past the prefix, whose outputs are dropped (their gradients are zero)."""
+        return tuple(p.clamp(0, n - 1) for p in (self.queries, self.keys, self.shared))
 
 
 class GroupPlan:
-    """All buckets of a pattern's groups, gathered with one index per tensor, and the mask of
-    the keys every image query is scored against (text, then the pattern's shared image keys)."""
+    """The pattern's buckets in sequence positions, with the text queries as a first bucket of
+    one causal group; image buckets score the text, then their shared image keys, unmasked."""
 
     def __init__(self, pattern: AttentionPattern, device: torch.device):
-        groups = pattern.groups()
-        n_img = pattern.layout.image_len
-        shared = pattern.shared_image_keys()
-        _check_coverage(pattern, groups, shared)
-        self.buckets = [_Bucket(pattern, q_idx, k_idx, device) for q_idx, k_idx in groups]
-        q_flat = torch.cat([q_idx.flatten() for q_idx, _ in groups])
-        k_flat = torch.cat([k_idx.flatten() for _, k_idx in groups])
-        self.q_index, self.k_index = q_flat.clamp(min=0).to(device), k_flat.clamp(min=0).to(device)
-        inverse = torch.empty(n_img, dtype=torch.long)
-        inverse[q_flat[q_flat >= 0]] = torch.nonzero(q_flat >= 0).squeeze(1)
-        self.inverse = inverse.to(device)  # image index -> row of the gathered queries
-
-        self.shared_index = shared.to(device)
-        self.shared_bias = None  # text keys are always allowed: no mask unless image keys are shared
-        if shared.numel():
-            # a shared key that a query's own group also holds is scored there, never twice
-            in_group = torch.cat([(k_idx[:, :, None] == shared).any(1).repeat_interleave(q_idx.shape[1], 0)
-                                  for q_idx, k_idx in groups])
-            image_bias = _bias(pattern, q_flat[:, None], shared[None, :]).squeeze(1)
-            image_bias = image_bias.masked_fill(in_group, float("-inf"))
-            text_bias = torch.zeros(len(q_flat), pattern.layout.text_len)
-            self.shared_bias = torch.cat([text_bias, image_bias], dim=1).to(device)
-
-    def sizes(self, which: str) -> list[int]:
-        """Rows each bucket takes in the gathered queries (``"q"``) or keys (``"k"``)."""
-        return [g * (lq if which == "q" else ls) for g, lq, ls in (b.shape for b in self.buckets)]
+        t = pattern.layout.text_len
+        buckets = pattern.groups()
+        _check_coverage(pattern, buckets)
+        text = torch.arange(t)[None]
+        self.buckets = [_Bucket(pattern, text, text, torch.zeros(0, dtype=torch.long), device)]
+        for bucket in buckets:
+            shared = torch.cat([torch.arange(t), bucket.shared + t])
+            lq, ls = bucket.queries.shape[1], bucket.keys.shape[1]
+            step = max(1, _SCORES_PER_CHUNK // (lq * (len(shared) + ls)))
+            for i in range(0, len(bucket.queries), step):
+                queries, keys = _shift(bucket.queries[i : i + step], t), _shift(bucket.keys[i : i + step], t)
+                self.buckets.append(_Bucket(pattern, queries, keys, shared, device))
+        rows = torch.cat([b.queries.cpu() for b in self.buckets])  # each query's row in the kernel's output
+        self.rows = len(rows)
+        inverse = torch.empty(pattern.layout.total_len, dtype=torch.long)
+        inverse[rows[rows >= 0]] = torch.nonzero(rows >= 0).squeeze(1)
+        self.inverse = inverse.to(device)  # position -> row
 
 
-def _check_coverage(pattern: AttentionPattern, groups, shared: torch.Tensor) -> None:
-    """Internal invariant: every image key a query may see is in its group or shared."""
+def _shift(index: torch.Tensor, t: int) -> torch.Tensor:
+    """Image indices -> sequence positions, keeping -1 padding."""
+    return torch.where(index >= 0, index + t, -1)
+
+
+def _check_coverage(pattern: AttentionPattern, buckets) -> None:
+    """Internal invariant: every image key a query may see is in its group or its bucket's shared
+    keys, and every shared key is seen by all of the bucket's queries."""
     n_img, t = pattern.layout.image_len, pattern.layout.text_len
-    covered = torch.zeros(n_img + 1, n_img + 1, dtype=torch.bool)  # row/col n_img: padding
-    for q_idx, k_idx in groups:
-        lq, ls = q_idx.shape[1], k_idx.shape[1]
-        covered[q_idx[:, :, None].expand(-1, -1, ls), k_idx[:, None, :].expand(-1, lq, -1)] = True
-    covered[:, shared] = True
     needed = pattern.dense_mask()[t:, t:]
+    covered = torch.zeros(n_img + 1, n_img + 1, dtype=torch.bool)  # row/col n_img: padding
+    for bucket in buckets:
+        queries, keys = bucket.queries, bucket.keys
+        lq, ls = queries.shape[1], keys.shape[1]
+        covered[queries[:, :, None].expand(-1, -1, ls), keys[:, None, :].expand(-1, lq, -1)] = True
+        real = queries[queries >= 0]
+        covered[real[:, None], bucket.shared[None, :]] = True
+        assert needed[real[:, None], bucket.shared[None, :]].all(), f"{pattern.name} shares unseen keys"
     assert not (needed & ~covered[:n_img, :n_img]).any(), f"{pattern.name} groups miss allowed keys"
 
 
@@ -90,59 +101,123 @@ def _memo(pattern: AttentionPattern, key: tuple, build):
     return pattern.memo[key]
 
 
-def _split(x: torch.Tensor, sizes: list[int]):
-    """Rows of each bucket along dim 1 (no copy, and no backward copy, for a single bucket)."""
-    return (x,) if len(sizes) == 1 else x.split(sizes, dim=1)
+def _rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rows of x (b, h, n, d) at ``positions`` -> (b * h, len(positions), d)."""
+    return x.index_select(2, positions).flatten(0, 1)
+
+
+# A bucket's scores are one (b*h, g, q, a + s) tensor: column j < a is shared key j, the rest the
+# group's own keys. These three products are the forward's and the backward's matmuls alike.
+
+def _scores(x, shared, grouped, shape):
+    """x (bh, g*q, d) against [shared (bh, a, d) | grouped (bh, g*s, d)] -> (bh, g, q, a + s)."""
+    (g, lq, ls), (bh, a, d) = shape, shared.shape
+    out = x.new_empty(bh, g, lq, a + ls)
+    torch.bmm(x, shared.transpose(1, 2), out=out.view(bh, g * lq, a + ls)[..., :a])
+    # a batched matmul into a strided output falls back to one gemm per matrix: copy instead
+    out.view(bh * g, lq, a + ls)[..., a:] = torch.bmm(x.view(bh * g, lq, d), grouped.view(bh * g, ls, d).transpose(1, 2))
+    return out
+
+
+def _weighted(w, shared, grouped, shape, out=None):
+    """Weights w (bh, g, q, a + s) times [shared | grouped] values -> (bh, g*q, d), into ``out``
+    if given."""
+    (g, lq, ls), (bh, a, d) = shape, shared.shape
+    out = torch.bmm(w.view(bh, g * lq, a + ls)[..., :a], shared, out=out)
+    grouped_part = torch.bmm(w.view(bh * g, lq, a + ls)[..., a:], grouped.view(bh * g, ls, d))
+    return out.add_(grouped_part.view(bh, g * lq, d))
+
+
+def _weighted_t(w, x, shape):
+    """Transposed: weights w (bh, g, q, a + s) times rows x (bh, g*q, d) -> shared (bh, a, d),
+    grouped (bh, g*s, d)."""
+    (g, lq, ls), (bh, _, d) = shape, x.shape
+    a = w.shape[-1] - ls
+    shared = torch.bmm(w.view(bh, g * lq, a + ls)[..., :a].transpose(1, 2), x)
+    # the grouped part contracts over only q rows: copied contiguous, its gemm runs faster
+    grouped_w = w.view(bh * g, lq, a + ls)[..., a:].contiguous()
+    grouped = torch.bmm(grouped_w.transpose(1, 2), x.view(bh * g, lq, d))
+    return shared, grouped.view(bh, g * ls, d)
+
+
+class _GroupedAttention(torch.autograd.Function):
+    """Exact attention of every query over its bucket's shared and group keys, under one softmax.
+
+    The backward is written out (FlashAttention's: dS = P * (dP - rowsum(dO * O))) so that each
+    gradient is written once, where autograd would zero-fill and add a full-size tensor for every
+    slice and gather. Runs in the inputs' dtype, the softmax in at least fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: GroupPlan, dropout_p: float):
+        b, h, n, d = q.shape
+        rows_out = q.new_empty(b * h, plan.rows, d)  # every bucket's output rows, in bucket order
+        saved, row = [], 0
+        with torch.autocast(q.device.type, enabled=False):
+            for bucket in plan.buckets:
+                q_pos, k_pos, a_pos = bucket.positions(n)
+                x = _rows(q, q_pos).mul_(d**-0.5)
+                keys, values = (_rows(k, a_pos), _rows(k, k_pos)), (_rows(v, a_pos), _rows(v, k_pos))
+                scores = _scores(x, *keys, bucket.shape)
+                scores[..., len(a_pos):].add_(bucket.bias)
+                p = scores.softmax(-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+                keep = torch.rand_like(p) >= dropout_p if dropout_p else None
+                out = rows_out[:, row : row + len(q_pos)]
+                _weighted(_dropped(p, keep, dropout_p), *values, bucket.shape, out=out)
+                saved += [x, *keys, *values, p, keep, out]
+                row += len(q_pos)
+        ctx.plan, ctx.dropout_p = plan, dropout_p
+        ctx.save_for_backward(*saved)
+        return rows_out.view(b, h, -1, d).index_select(2, plan.inverse[:n])
+
+    @staticmethod
+    def backward(ctx, grad):
+        b, h, n, d = grad.shape
+        saved = ctx.saved_tensors
+        dq, dk, dv = (grad.new_zeros(grad.shape) for _ in range(3))
+        with torch.autocast(grad.device.type, enabled=False):
+            for i, bucket in enumerate(ctx.plan.buckets):
+                x, k_shared, k_grouped, v_shared, v_grouped, p, keep, out = saved[8 * i : 8 * i + 8]
+                q_pos, k_pos, a_pos = bucket.positions(n)
+                g, lq, _ = bucket.shape
+                d_out = _rows(grad, q_pos)
+                live = (bucket.queries >= 0) & (bucket.queries < n)  # rows that reached the output
+                if not live.all():
+                    d_out.mul_(live[:, None].to(grad.dtype))
+                delta = torch.linalg.vecdot(d_out, out).view(-1, g, lq, 1)
+                d_p = _dropped(_scores(d_out, v_shared, v_grouped, bucket.shape), keep, ctx.dropout_p)
+                d_scores = d_p.sub_(delta).mul_(p)
+                _scatter(dq, q_pos, _weighted(d_scores, k_shared, k_grouped, bucket.shape).mul_(d**-0.5))
+                _scatter(dk, (a_pos, k_pos), _weighted_t(d_scores, x, bucket.shape))
+                _scatter(dv, (a_pos, k_pos), _weighted_t(_dropped(p, keep, ctx.dropout_p), d_out, bucket.shape))
+        return dq, dk, dv, None, None
+
+
+def _dropped(p, keep, dropout_p):
+    """Attention weights after dropout (``keep``: the mask drawn in forward, or None)."""
+    return p if keep is None else p * keep / (1 - dropout_p)
+
+
+def _scatter(grad, positions, parts):
+    """Add rows (b*h, m, d) into grad (b, h, n, d) at positions (m,); one tensor or a tuple each."""
+    if isinstance(positions, torch.Tensor):
+        positions, parts = (positions,), (parts,)
+    for pos, part in zip(positions, parts):
+        grad.index_add_(2, pos, part.view(*grad.shape[:2], -1, grad.shape[-1]))
 
 
 def gathered_attention(pattern: AttentionPattern, q, k, v, dropout_p: float = 0.0):
     """Exact attention for a sparse pattern over a prefix of the sequence (n <= total_len).
 
-    Text queries: causal SDPA over text. Image queries: gathered into groups; each group scores
-    its queries against the text and shared image keys (one matmul for all groups: those keys
-    are never copied per group) and against the group's own image keys, under one softmax
-    (in fp32, whatever the input dtype). q, k, v: (b, h, n, d).
+    Queries are gathered into their pattern's groups; each group scores its queries against the
+    text and its bucket's shared image keys (one matmul for the whole bucket: those keys are
+    never copied per group) and against the group's own keys under its mask, in one softmax.
+    Text queries are one causal group. q, k, v: (b, h, n, d).
     """
-    t = pattern.layout.text_len
-    b, h, n, d = q.shape
-    n_text = min(n, t)
-    out_text = F.scaled_dot_product_attention(
-        q[:, :, :n_text], k[:, :, :n_text], v[:, :, :n_text], is_causal=True, dropout_p=dropout_p
-    )
-    if n <= t:
-        return out_text
+    if q.shape[2] <= pattern.layout.text_len:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
     plan = _memo(pattern, ("plan", q.device), lambda: GroupPlan(pattern, q.device))
-    bh, last = b * h, n - t - 1  # last: the newest image index present
-
-    def gather(x, index):  # image rows of x at ``index`` -> (bh, len(index), d), straight from x's strides
-        return x[:, :, t:].index_select(2, index).view(bh, -1, d)
-
-    # Indices past the newest present token (and -1 padding, mapped to 0) are masked out by the
-    # plan's biases or belong to queries whose outputs are dropped, so any valid row will do.
-    q_index, k_index, shared = (i.clamp(max=last) for i in (plan.q_index, plan.k_index, plan.shared_index))
-    qg = gather(q, q_index) * d**-0.5  # (bh, all group queries, d)
-    kg, vg = gather(k, k_index), gather(v, k_index)
-    k_all = torch.cat([k[:, :, :t].reshape(bh, t, d), gather(k, shared)], dim=1)  # (bh, a, d)
-    v_all = torch.cat([v[:, :, :t].reshape(bh, t, d), gather(v, shared)], dim=1)
-    scores_all = qg @ k_all.transpose(1, 2)  # (bh, all group queries, a): one matmul for all groups
-    if plan.shared_bias is not None:
-        scores_all = scores_all + plan.shared_bias
-    a = k_all.shape[1]
-    outs = []
-    q_sizes, k_sizes = plan.sizes("q"), plan.sizes("k")
-    per_bucket = zip(plan.buckets, _split(qg, q_sizes), _split(scores_all, q_sizes),
-                     _split(kg, k_sizes), _split(vg, k_sizes))
-    for bucket, q_b, scores_all_b, k_b, v_b in per_bucket:
-        g, lq, ls = bucket.shape
-        q_b, k_b, v_b = q_b.view(bh, g, lq, d), k_b.view(bh, g, ls, d), v_b.view(bh, g, ls, d)
-        scores_image = q_b @ k_b.transpose(2, 3) + bucket.bias  # (bh, g, q, s)
-        scores = torch.cat([scores_all_b.view(bh, g, lq, a), scores_image], dim=-1)
-        p = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
-        if dropout_p:
-            p = F.dropout(p, dropout_p)
-        outs.append(p[..., :a].reshape(bh, g * lq, a) @ v_all + (p[..., a:] @ v_b).view(bh, g * lq, d))
-    out_img = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)).index_select(1, plan.inverse[: n - t])
-    return torch.cat([out_text, out_img.view(b, h, n - t, d)], dim=2)
+    return _GroupedAttention.apply(q, k, v, plan, dropout_p)
 
 
 def dense_reference_attention(pattern: AttentionPattern, q, k, v, dropout_p: float = 0.0):

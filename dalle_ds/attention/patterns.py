@@ -9,11 +9,12 @@ the text plus the image keys their pattern allows. Each pattern states its rule 
 kernel's key groups are all derived from it, and the kernel asserts that the groups cover it.
 
 The CPU kernel (``kernels.gathered_attention``) needs each pattern to cover its allowed keys
-with *groups*: a group is a set of image queries and a set of image keys. ``groups()`` returns
-them in buckets of equal shape, as index tensors padded with -1. Image keys that many queries
-may see (the block-sparse pattern's summary blocks) are instead listed once by
-``shared_image_keys()`` and scored against all image queries together, like the text. Every key
-a query may see must lie in the text, its group's keys or the shared keys. The work done is
+with *groups*: a group is a set of image queries and a set of image keys, scored under a mask.
+``groups()`` returns them in buckets of equal shape (``GroupBucket``), as index tensors padded
+with -1. A bucket may also list *shared* image keys that every one of its queries may see (the
+block-sparse pattern's summary blocks): those are scored, like the text, in one matmul for the
+whole bucket, unmasked and never copied per group. Every key a query may see must lie in the
+text, its group's keys or its bucket's shared keys. The work done is
 sum(|queries| x (text_len + |shared| + |group keys|)) over groups: it follows the density.
 """
 
@@ -40,6 +41,15 @@ class SequenceLayout:
     @property
     def total_len(self) -> int:
         return self.text_len + self.image_len
+
+
+@dataclass(frozen=True)
+class GroupBucket:
+    """Equally shaped groups of image indices (-1 = padding) for the CPU kernel."""
+
+    queries: torch.Tensor  # (G, Lq): each group's queries
+    keys: torch.Tensor  # (G, Lk): image keys each group's queries are scored against, masked by the rule
+    shared: torch.Tensor = torch.zeros(0, dtype=torch.long)  # (S,): keys all the bucket's queries see
 
 
 class AttentionPattern:
@@ -71,13 +81,9 @@ class AttentionPattern:
         pos = torch.arange(n, device=device)
         return self.allowed(pos[:, None], pos[None, :])
 
-    def shared_image_keys(self) -> torch.Tensor:
-        """Image indices scored against every image query (masked by the rule), not grouped."""
-        return torch.zeros(0, dtype=torch.long)
-
-    def groups(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Buckets of (query_index (G, Lq), key_index (G, Lk)) image indices, -1 = padding.
-        Every image query appears exactly once over all buckets."""
+    def groups(self) -> list[GroupBucket]:
+        """Buckets of query groups that cover the rule. Every image query appears exactly once
+        over all buckets."""
         raise NotImplementedError(f"{self.name} attention has no key groups")
 
     def __repr__(self) -> str:
@@ -103,7 +109,7 @@ class AxialRowPattern(AttentionPattern):
 
     def groups(self):
         idx = torch.arange(self.layout.image_len).view(self.layout.grid_h, self.layout.grid_w)
-        return [(idx, idx)]
+        return [GroupBucket(idx, idx)]
 
 
 class AxialColPattern(AttentionPattern):
@@ -117,7 +123,7 @@ class AxialColPattern(AttentionPattern):
 
     def groups(self):
         idx = torch.arange(self.layout.image_len).view(self.layout.grid_h, self.layout.grid_w).t()
-        return [(idx, idx)]
+        return [GroupBucket(idx, idx)]
 
 
 class ConvLikePattern(AttentionPattern):
@@ -146,7 +152,7 @@ class ConvLikePattern(AttentionPattern):
             for c0 in range(0, w, tw):
                 q_tiles.append(_grid_indices(self.layout, range(r0, r0 + th), range(c0, c0 + tw)))
                 k_windows.append(_grid_indices(self.layout, range(r0 - r, r0 + th), range(c0 - r, c0 + tw + r)))
-        return [(torch.stack(q_tiles), torch.stack(k_windows))]
+        return [GroupBucket(torch.stack(q_tiles), torch.stack(k_windows))]
 
 
 def _grid_indices(layout: SequenceLayout, rows: range, cols: range) -> torch.Tensor:
@@ -162,6 +168,7 @@ class BlockSparsePattern(AttentionPattern):
     block of each stride acts as a summary, as in Sparse Transformer's fixed pattern)."""
 
     name = "sparse"
+    group_blocks = 2  # query blocks per group of the CPU kernel: bigger matmuls, more keys per query
 
     def __init__(self, layout: SequenceLayout, block_size: int = 16, local_blocks: int = 4, stride: int = 8):
         if min(block_size, local_blocks, stride) < 1:
@@ -176,25 +183,23 @@ class BlockSparsePattern(AttentionPattern):
         bq, bk = qi // self.block_size, ki // self.block_size
         return (bq - bk < self.local_blocks) | (bk % self.stride == self.stride - 1)
 
-    def shared_image_keys(self):
-        n, bs = self.layout.image_len, self.block_size
-        summaries = torch.tensor(range(self.stride - 1, math.ceil(n / bs), self.stride), dtype=torch.long)
-        keys = (summaries[:, None] * bs + torch.arange(bs)).flatten()
-        return keys[keys < n]
-
     def groups(self):
-        # Groups hold the local window only; query blocks near the start see fewer blocks and
-        # get buckets of their own, so no group is padded.
-        n, bs = self.layout.image_len, self.block_size
-        offsets = torch.arange(bs)
-        buckets: dict[int, list[int]] = {}
-        for qb in range(math.ceil(n / bs)):
-            buckets.setdefault(min(qb + 1, self.local_blocks), []).append(qb)
+        # A group is group_blocks query blocks and the local windows they see. The summary blocks
+        # before the window are shared keys; groups with the same window width and the same
+        # summaries form a bucket, so only the image's last group may be padded, and no summary
+        # is scored for a query that cannot see it.
+        n, bs, gb = self.layout.image_len, self.block_size, self.group_blocks
+        buckets: dict[tuple[int, int], list[int]] = {}
+        for first in range(0, math.ceil(n / bs), gb):  # the group's first query block
+            start = max(0, first + 1 - self.local_blocks)  # its first key block
+            buckets.setdefault((first + gb - start, start // self.stride), []).append(first)
         groups = []
-        for width, q_blocks in buckets.items():
-            q_idx = torch.stack([qb * bs + offsets for qb in q_blocks])
-            k_idx = torch.stack([torch.arange((qb + 1 - width) * bs, (qb + 1) * bs) for qb in q_blocks])
-            groups.append((_pad_out_of_range(q_idx, n), _pad_out_of_range(k_idx, n)))
+        for (width, summaries), firsts in buckets.items():
+            q_idx = torch.stack([torch.arange(first * bs, (first + gb) * bs) for first in firsts])
+            k_idx = torch.stack([torch.arange((first + gb - width) * bs, (first + gb) * bs) for first in firsts])
+            summary_blocks = torch.arange(summaries) * self.stride + self.stride - 1
+            shared = (summary_blocks[:, None] * bs + torch.arange(bs)).flatten()
+            groups.append(GroupBucket(_pad_out_of_range(q_idx, n), _pad_out_of_range(k_idx, n), shared))
         return groups
 
 
