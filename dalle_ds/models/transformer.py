@@ -47,8 +47,28 @@ class FeedForward(nn.Module):
         self.proj_out = nn.Linear(dim * mult, dim)
 
     def forward(self, x):
-        x, gate = self.proj_in(x).chunk(2, dim=-1)
-        return self.proj_out(self.dropout(x * F.gelu(gate)))
+        return self.proj_out(self.dropout(_GEGLU.apply(self.proj_in(x))))
+
+
+class _GEGLU(torch.autograd.Function):
+    """x * gelu(gate) for [x | gate] = h, with a backward that writes both halves of dh in place:
+    autograd's chunk would concatenate them afterwards, one more pass over the widest tensor."""
+
+    @staticmethod
+    def forward(ctx, h):
+        x, gate = h.chunk(2, dim=-1)
+        activated = F.gelu(gate)
+        ctx.save_for_backward(x, gate, activated)
+        return x * activated
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, gate, activated = ctx.saved_tensors
+        dh = grad.new_empty(*grad.shape[:-1], 2 * grad.shape[-1])
+        dx, dgate = dh.chunk(2, dim=-1)
+        torch.mul(grad, activated, out=dx)
+        torch.ops.aten.gelu_backward.grad_input(grad * x, gate, grad_input=dgate)
+        return dh
 
 
 class Block(nn.Module):
