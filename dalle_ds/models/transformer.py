@@ -67,7 +67,8 @@ class _GEGLU(torch.autograd.Function):
         dh = grad.new_empty(*grad.shape[:-1], 2 * grad.shape[-1])
         dx, dgate = dh.chunk(2, dim=-1)
         torch.mul(grad, activated, out=dx)
-        torch.ops.aten.gelu_backward.grad_input(grad * x, gate, grad_input=dgate)
+        torch.mul(grad, x, out=dgate)  # d(activated), turned into d(gate) in place: no temporary
+        torch.ops.aten.gelu_backward.grad_input(dgate, gate, grad_input=dgate)
         return dh
 
 
