@@ -8,7 +8,7 @@ import torch
 
 from dalle_ds.attention.kernels import (attend, decode_attention, dense_reference_attention,
                                         flex_pattern_attention, gathered_attention)
-from dalle_ds.attention.patterns import ATTN_TYPES, SequenceLayout, build_pattern
+from dalle_ds.attention.patterns import ATTN_TYPES, AxialRowPattern, GroupBucket, SequenceLayout, build_pattern
 
 # text_len 2 (bos + one caption token), 3x3 image grid: positions 0-1 text, 2-10 image.
 LAYOUT = SequenceLayout(text_len=2, grid_h=3, grid_w=3)
@@ -107,6 +107,28 @@ def test_gathered_path_in_bf16_follows_the_fp32_reference(attn_type):
     torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a.float(), b, atol=6e-2, rtol=6e-2)
+
+
+class _SharedKeyAlsoInGroup(AxialRowPattern):  # key 0 would be counted twice in the softmax
+    def groups(self):
+        idx = torch.arange(self.layout.image_len).view(1, -1)
+        return [GroupBucket(idx, idx, shared=torch.tensor([0]))]
+
+
+class _QueryInTwoGroups(AxialRowPattern):  # the first row's queries would get gradients twice
+    def groups(self):
+        idx = torch.arange(self.layout.image_len).view(self.layout.grid_h, self.layout.grid_w)
+        return [GroupBucket(idx, idx), GroupBucket(idx[:1], idx[:1])]
+
+
+@pytest.mark.parametrize("pattern_class, problem", [(_SharedKeyAlsoInGroup, "holds a key twice"),
+                                                    (_QueryInTwoGroups, "every image query exactly once")])
+def test_plan_rejects_groups_that_would_not_be_exact(pattern_class, problem):
+    """Groups that cover the mask but would count a key or a query twice fail the plan check."""
+    pattern = pattern_class(SequenceLayout(2, 2, 3))
+    q, k, v = qkv(pattern.layout.total_len)
+    with pytest.raises(AssertionError, match=problem):
+        gathered_attention(pattern, q, k, v)
 
 
 def test_gathered_path_work_follows_density():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.nn.attention import flex_attention as _flex
 
 from .patterns import AttentionPattern
@@ -36,12 +37,13 @@ def _bias(pattern: AttentionPattern, q_pos: torch.Tensor, k_pos: torch.Tensor) -
 
 class _Bucket:
     """Sequence positions of one bucket's groups: queries (g, q), keys (g, s) scored under
-    ``bias`` (g, q, s), and the keys (a,) all its queries see unmasked; -1 = padding."""
+    ``bias`` (g, q, s), and the keys (a,) all its queries see unmasked (already on ``device``,
+    and one tensor for all chunks of a pattern's bucket); -1 = padding."""
 
     def __init__(self, pattern: AttentionPattern, queries, keys, shared, device):
         self.shape = (*queries.shape, keys.shape[1])  # (g, q, s)
         self.bias = _bias(pattern, queries, keys).to(device)
-        self.queries, self.keys, self.shared = queries.flatten().to(device), keys.flatten().to(device), shared.to(device)
+        self.queries, self.keys, self.shared = queries.flatten().to(device), keys.flatten().to(device), shared
 
     def positions(self, n: int):
         """Query, key and shared positions as gather indices into a length-n prefix. Padding and
@@ -59,9 +61,9 @@ class GroupPlan:
         buckets = pattern.groups()
         _check_coverage(pattern, buckets)
         text = torch.arange(t)[None]
-        self.buckets = [_Bucket(pattern, text, text, torch.zeros(0, dtype=torch.long), device)]
+        self.buckets = [_Bucket(pattern, text, text, torch.zeros(0, dtype=torch.long, device=device), device)]
         for bucket in buckets:
-            shared = torch.cat([torch.arange(t), bucket.shared + t])
+            shared = torch.cat([torch.arange(t), bucket.shared + t]).to(device)
             lq, ls = bucket.queries.shape[1], bucket.keys.shape[1]
             step = max(1, _SCORES_PER_CHUNK // (lq * (len(shared) + ls)))
             for i in range(0, len(bucket.queries), step):
@@ -80,18 +82,26 @@ def _shift(index: torch.Tensor, t: int) -> torch.Tensor:
 
 
 def _check_coverage(pattern: AttentionPattern, buckets) -> None:
-    """Internal invariant: every image key a query may see is in its group or its bucket's shared
-    keys, and every shared key is seen by all of the bucket's queries."""
+    """Internal invariant, for exactness: every image query sits in exactly one group; a group's
+    keys and its bucket's shared keys hold no key twice (a key held twice would be counted twice
+    in the softmax); every image key a query may see is in one of them, and every shared key is
+    seen by all of the bucket's queries (shared keys are scored unmasked)."""
     n_img, t = pattern.layout.image_len, pattern.layout.text_len
     needed = pattern.dense_mask()[t:, t:]
     covered = torch.zeros(n_img + 1, n_img + 1, dtype=torch.bool)  # row/col n_img: padding
+    queries_seen = torch.zeros(n_img, dtype=torch.long)
     for bucket in buckets:
-        queries, keys = bucket.queries, bucket.keys
+        queries, keys, shared = bucket.queries, bucket.keys, bucket.shared
+        for group_keys in keys:
+            held = torch.cat([group_keys[group_keys >= 0], shared])
+            assert len(held.unique()) == len(held), f"{pattern.name} holds a key twice for one group"
         lq, ls = queries.shape[1], keys.shape[1]
         covered[queries[:, :, None].expand(-1, -1, ls), keys[:, None, :].expand(-1, lq, -1)] = True
         real = queries[queries >= 0]
-        covered[real[:, None], bucket.shared[None, :]] = True
-        assert needed[real[:, None], bucket.shared[None, :]].all(), f"{pattern.name} shares unseen keys"
+        queries_seen.index_add_(0, real, torch.ones_like(real))
+        covered[real[:, None], shared[None, :]] = True
+        assert needed[real[:, None], shared[None, :]].all(), f"{pattern.name} shares keys some queries may not see"
+    assert (queries_seen == 1).all(), f"{pattern.name} groups do not hold every image query exactly once"
     assert not (needed & ~covered[:n_img, :n_img]).any(), f"{pattern.name} groups miss allowed keys"
 
 
@@ -152,16 +162,21 @@ class _GroupedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, plan: GroupPlan, dropout_p: float):
         b, h, n, d = q.shape
         rows_out = q.new_empty(b * h, plan.rows, d)  # every bucket's output rows, in bucket order
-        saved, row = [], 0
+        saved, row, shared_rows = [], 0, {}
         with torch.autocast(q.device.type, enabled=False):
             for bucket in plan.buckets:
                 q_pos, k_pos, a_pos = bucket.positions(n)
                 x = _rows(q, q_pos).mul_(d**-0.5)
-                keys, values = (_rows(k, a_pos), _rows(k, k_pos)), (_rows(v, a_pos), _rows(v, k_pos))
+                # the chunks of a bucket share one key set (the text, ...): gathered once
+                if id(bucket.shared) not in shared_rows:
+                    shared_rows[id(bucket.shared)] = _rows(k, a_pos), _rows(v, a_pos)
+                k_shared, v_shared = shared_rows[id(bucket.shared)]
+                keys, values = (k_shared, _rows(k, k_pos)), (v_shared, _rows(v, k_pos))
                 scores = _scores(x, *keys, bucket.shape)
                 scores[..., len(a_pos):].add_(bucket.bias)
                 p = scores.softmax(-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
-                keep = torch.rand_like(p) >= dropout_p if dropout_p else None
+                # drawn in fp32: bf16 uniforms come in steps of 1/256, which would bias the keep rate
+                keep = torch.rand(p.shape, device=p.device) >= dropout_p if dropout_p else None
                 out = rows_out[:, row : row + len(q_pos)]
                 _weighted(_dropped(p, keep, dropout_p), *values, bucket.shape, out=out)
                 saved += [x, *keys, *values, p, keep, out]
@@ -171,6 +186,7 @@ class _GroupedAttention(torch.autograd.Function):
         return rows_out.view(b, h, -1, d).index_select(2, plan.inverse[:n])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         b, h, n, d = grad.shape
         saved = ctx.saved_tensors
