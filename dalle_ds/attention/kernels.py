@@ -51,6 +51,11 @@ class _Bucket:
         only by queries past the prefix, whose outputs are dropped (their gradients are zero)."""
         return tuple(p.clamp(0, n - 1) for p in (self.queries, self.keys, self.shared))
 
+    def live(self, n: int) -> torch.Tensor | None:
+        """Rows of the bucket's queries that are real positions of a length-n prefix (None: all)."""
+        live = (self.queries >= 0) & (self.queries < n)
+        return None if live.all() else live.nonzero().squeeze(1)
+
 
 class GroupPlan:
     """The pattern's buckets in sequence positions, with the text queries as a first bucket of
@@ -69,11 +74,6 @@ class GroupPlan:
             for i in range(0, len(bucket.queries), step):
                 queries, keys = _shift(bucket.queries[i : i + step], t), _shift(bucket.keys[i : i + step], t)
                 self.buckets.append(_Bucket(pattern, queries, keys, shared, device))
-        rows = torch.cat([b.queries.cpu() for b in self.buckets])  # each query's row in the kernel's output
-        self.rows = len(rows)
-        inverse = torch.empty(pattern.layout.total_len, dtype=torch.long)
-        inverse[rows[rows >= 0]] = torch.nonzero(rows >= 0).squeeze(1)
-        self.inverse = inverse.to(device)  # position -> row
 
 
 def _shift(index: torch.Tensor, t: int) -> torch.Tensor:
@@ -129,11 +129,10 @@ def _scores(x, shared, grouped, shape):
     return out
 
 
-def _weighted(w, shared, grouped, shape, out=None):
-    """Weights w (bh, g, q, a + s) times [shared | grouped] values -> (bh, g*q, d), into ``out``
-    if given."""
+def _weighted(w, shared, grouped, shape):
+    """Weights w (bh, g, q, a + s) times [shared | grouped] values -> (bh, g*q, d)."""
     (g, lq, ls), (bh, a, d) = shape, shared.shape
-    out = torch.bmm(w.view(bh, g * lq, a + ls)[..., :a], shared, out=out)
+    out = torch.bmm(w.view(bh, g * lq, a + ls)[..., :a], shared)
     grouped_part = torch.bmm(w.view(bh * g, lq, a + ls)[..., a:], grouped.view(bh * g, ls, d))
     return out.add_(grouped_part.view(bh, g * lq, d))
 
@@ -161,8 +160,8 @@ class _GroupedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: GroupPlan, dropout_p: float):
         b, h, n, d = q.shape
-        rows_out = q.new_empty(b * h, plan.rows, d)  # every bucket's output rows, in bucket order
-        saved, row, shared_rows = [], 0, {}
+        result = q.new_empty(b, h, n, d)
+        saved, shared_rows = [], {}
         with torch.autocast(q.device.type, enabled=False):
             for bucket in plan.buckets:
                 q_pos, k_pos, a_pos = bucket.positions(n)
@@ -177,13 +176,14 @@ class _GroupedAttention(torch.autograd.Function):
                 p = scores.softmax(-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
                 # drawn in fp32: bf16 uniforms come in steps of 1/256, which would bias the keep rate
                 keep = torch.rand(p.shape, device=p.device) >= dropout_p if dropout_p else None
-                out = rows_out[:, row : row + len(q_pos)]
-                _weighted(_dropped(p, keep, dropout_p), *values, bucket.shape, out=out)
+                out = _weighted(_dropped(p, keep, dropout_p), *values, bucket.shape)
                 saved += [x, *keys, *values, p, keep, out]
-                row += len(q_pos)
+                live = bucket.live(n)  # every position is one bucket's live row: written once
+                rows, positions = (out, q_pos) if live is None else (out[:, live], q_pos[live])
+                result.index_copy_(2, positions, rows.view(b, h, -1, d))
         ctx.plan, ctx.dropout_p = plan, dropout_p
         ctx.save_for_backward(*saved)
-        return rows_out.view(b, h, -1, d).index_select(2, plan.inverse[:n])
+        return result
 
     @staticmethod
     @once_differentiable
@@ -197,9 +197,9 @@ class _GroupedAttention(torch.autograd.Function):
                 q_pos, k_pos, a_pos = bucket.positions(n)
                 g, lq, _ = bucket.shape
                 d_out = _rows(grad, q_pos)
-                live = (bucket.queries >= 0) & (bucket.queries < n)  # rows that reached the output
-                if not live.all():
-                    d_out.mul_(live[:, None].to(grad.dtype))
+                live = bucket.live(n)
+                if live is not None:  # rows that never reached the output get no gradient
+                    d_out = torch.zeros_like(d_out).index_copy_(1, live, d_out[:, live])
                 delta = torch.linalg.vecdot(d_out, out).view(-1, g, lq, 1)
                 d_p = _dropped(_scores(d_out, v_shared, v_grouped, bucket.shape), keep, ctx.dropout_p)
                 d_scores = d_p.sub_(delta).mul_(p)
