@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from .reversible import reversible_sequence
@@ -62,6 +63,7 @@ class _GEGLU(torch.autograd.Function):
         return x * activated
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         x, gate, activated = ctx.saved_tensors
         dh = grad.new_empty(*grad.shape[:-1], 2 * grad.shape[-1])
