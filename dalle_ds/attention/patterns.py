@@ -45,7 +45,9 @@ class SequenceLayout:
 
 @dataclass(frozen=True)
 class GroupBucket:
-    """Equally shaped groups of image indices (-1 = padding) for the CPU kernel."""
+    """Equally shaped groups of image indices (-1 = padding) for the CPU kernel. For exactness
+    (the kernel checks it): each image query is in exactly one group, and no key is held twice
+    for a group, neither within its keys nor between its keys and the bucket's shared keys."""
 
     queries: torch.Tensor  # (G, Lq): each group's queries
     keys: torch.Tensor  # (G, Lk): image keys each group's queries are scored against, masked by the rule
