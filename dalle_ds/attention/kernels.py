@@ -35,45 +35,51 @@ def _bias(pattern: AttentionPattern, q_pos: torch.Tensor, k_pos: torch.Tensor) -
     return torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
 
 
-class _Bucket:
-    """Sequence positions of one bucket's groups: queries (g, q), keys (g, s) scored under
-    ``bias`` (g, q, s), and the keys (a,) all its queries see unmasked (already on ``device``,
-    and one tensor for all chunks of a pattern's bucket); -1 = padding."""
+def _clamped(positions: torch.Tensor, n: int) -> torch.Tensor:
+    """Positions as gather indices into a length-n prefix. Padding and positions past the prefix
+    may point at any row: such keys are masked by the bias or seen only by queries past the
+    prefix, whose outputs are dropped (their gradients are zero)."""
+    return positions.clamp(0, n - 1)
 
-    def __init__(self, pattern: AttentionPattern, queries, keys, shared, device):
+
+class _Chunk:
+    """Sequence positions of some groups of one bucket: queries (g, q) and keys (g, s), scored
+    under ``bias`` (g, q, s); -1 = padding."""
+
+    def __init__(self, pattern: AttentionPattern, queries, keys, device):
         self.shape = (*queries.shape, keys.shape[1])  # (g, q, s)
         self.bias = _bias(pattern, queries, keys).to(device)
-        self.queries, self.keys, self.shared = queries.flatten().to(device), keys.flatten().to(device), shared
+        self.queries, self.keys = queries.flatten().to(device), keys.flatten().to(device)
 
     def positions(self, n: int):
-        """Query, key and shared positions as gather indices into a length-n prefix. Padding and
-        positions past the prefix may point at any row: such keys are masked by the bias or seen
-        only by queries past the prefix, whose outputs are dropped (their gradients are zero)."""
-        return tuple(p.clamp(0, n - 1) for p in (self.queries, self.keys, self.shared))
+        """Query and key positions as gather indices into a length-n prefix."""
+        return _clamped(self.queries, n), _clamped(self.keys, n)
 
     def live(self, n: int) -> torch.Tensor | None:
-        """Rows of the bucket's queries that are real positions of a length-n prefix (None: all)."""
+        """Rows of the chunk's queries that are real positions of a length-n prefix (None: all)."""
         live = (self.queries >= 0) & (self.queries < n)
         return None if live.all() else live.nonzero().squeeze(1)
 
 
 class GroupPlan:
-    """The pattern's buckets in sequence positions, with the text queries as a first bucket of
-    one causal group; image buckets score the text, then their shared image keys, unmasked."""
+    """The pattern's buckets in sequence positions, each as (shared key positions (a,), chunks):
+    the text queries first, as one causal group with no shared keys; image buckets share the
+    text, then their shared image keys, unmasked. Big buckets are split into chunks."""
 
     def __init__(self, pattern: AttentionPattern, device: torch.device):
         t = pattern.layout.text_len
         buckets = pattern.groups()
         _check_coverage(pattern, buckets)
         text = torch.arange(t)[None]
-        self.buckets = [_Bucket(pattern, text, text, torch.zeros(0, dtype=torch.long, device=device), device)]
+        self.buckets = [(torch.zeros(0, dtype=torch.long, device=device), [_Chunk(pattern, text, text, device)])]
         for bucket in buckets:
             shared = torch.cat([torch.arange(t), bucket.shared + t]).to(device)
             lq, ls = bucket.queries.shape[1], bucket.keys.shape[1]
             step = max(1, _SCORES_PER_CHUNK // (lq * (len(shared) + ls)))
-            for i in range(0, len(bucket.queries), step):
-                queries, keys = _shift(bucket.queries[i : i + step], t), _shift(bucket.keys[i : i + step], t)
-                self.buckets.append(_Bucket(pattern, queries, keys, shared, device))
+            queries, keys = _shift(bucket.queries, t), _shift(bucket.keys, t)
+            chunks = [_Chunk(pattern, queries[i : i + step], keys[i : i + step], device)
+                      for i in range(0, len(queries), step)]
+            self.buckets.append((shared, chunks))
 
 
 def _shift(index: torch.Tensor, t: int) -> torch.Tensor:
@@ -161,26 +167,25 @@ class _GroupedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, plan: GroupPlan, dropout_p: float):
         b, h, n, d = q.shape
         result = q.new_empty(b, h, n, d)
-        saved, shared_rows = [], {}
+        saved = []
         with torch.autocast(q.device.type, enabled=False):
-            for bucket in plan.buckets:
-                q_pos, k_pos, a_pos = bucket.positions(n)
-                x = _rows(q, q_pos).mul_(d**-0.5)
-                # the chunks of a bucket share one key set (the text, ...): gathered once
-                if id(bucket.shared) not in shared_rows:
-                    shared_rows[id(bucket.shared)] = _rows(k, a_pos), _rows(v, a_pos)
-                k_shared, v_shared = shared_rows[id(bucket.shared)]
-                keys, values = (k_shared, _rows(k, k_pos)), (v_shared, _rows(v, k_pos))
-                scores = _scores(x, *keys, bucket.shape)
-                scores[..., len(a_pos):].add_(bucket.bias)
-                p = scores.softmax(-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
-                # drawn in fp32: bf16 uniforms come in steps of 1/256, which would bias the keep rate
-                keep = torch.rand(p.shape, device=p.device) >= dropout_p if dropout_p else None
-                out = _weighted(_dropped(p, keep, dropout_p), *values, bucket.shape)
-                saved += [x, *keys, *values, p, keep, out]
-                live = bucket.live(n)  # every position is one bucket's live row: written once
-                rows, positions = (out, q_pos) if live is None else (out[:, live], q_pos[live])
-                result.index_copy_(2, positions, rows.view(b, h, -1, d))
+            for shared, chunks in plan.buckets:
+                a_pos = _clamped(shared, n)
+                k_shared, v_shared = _rows(k, a_pos), _rows(v, a_pos)  # gathered once for all chunks
+                for chunk in chunks:
+                    q_pos, k_pos = chunk.positions(n)
+                    x = _rows(q, q_pos).mul_(d**-0.5)
+                    keys, values = (k_shared, _rows(k, k_pos)), (v_shared, _rows(v, k_pos))
+                    scores = _scores(x, *keys, chunk.shape)
+                    scores[..., len(a_pos):].add_(chunk.bias)
+                    p = scores.softmax(-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+                    # drawn in fp32: bf16 uniforms come in steps of 1/256, which would bias the keep rate
+                    keep = torch.rand(p.shape, device=p.device) >= dropout_p if dropout_p else None
+                    out = _weighted(_dropped(p, keep, dropout_p), *values, chunk.shape)
+                    saved += [x, *keys, *values, p, keep, out]
+                    live = chunk.live(n)  # every position is one chunk's live row: written once
+                    rows, positions = (out, q_pos) if live is None else (out[:, live], q_pos[live])
+                    result.index_copy_(2, positions, rows.view(b, h, -1, d))
         ctx.plan, ctx.dropout_p = plan, dropout_p
         ctx.save_for_backward(*saved)
         return result
@@ -189,23 +194,25 @@ class _GroupedAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         b, h, n, d = grad.shape
-        saved = ctx.saved_tensors
+        saved = iter(ctx.saved_tensors)
         dq, dk, dv = (grad.new_zeros(grad.shape) for _ in range(3))
         with torch.autocast(grad.device.type, enabled=False):
-            for i, bucket in enumerate(ctx.plan.buckets):
-                x, k_shared, k_grouped, v_shared, v_grouped, p, keep, out = saved[8 * i : 8 * i + 8]
-                q_pos, k_pos, a_pos = bucket.positions(n)
-                g, lq, _ = bucket.shape
-                d_out = _rows(grad, q_pos)
-                live = bucket.live(n)
-                if live is not None:  # rows that never reached the output get no gradient
-                    d_out = torch.zeros_like(d_out).index_copy_(1, live, d_out[:, live])
-                delta = torch.linalg.vecdot(d_out, out).view(-1, g, lq, 1)
-                d_p = _dropped(_scores(d_out, v_shared, v_grouped, bucket.shape), keep, ctx.dropout_p)
-                d_scores = d_p.sub_(delta).mul_(p)
-                _scatter(dq, q_pos, _weighted(d_scores, k_shared, k_grouped, bucket.shape).mul_(d**-0.5))
-                _scatter(dk, (a_pos, k_pos), _weighted_t(d_scores, x, bucket.shape))
-                _scatter(dv, (a_pos, k_pos), _weighted_t(_dropped(p, keep, ctx.dropout_p), d_out, bucket.shape))
+            for shared, chunks in ctx.plan.buckets:
+                a_pos = _clamped(shared, n)
+                for chunk in chunks:
+                    x, k_shared, k_grouped, v_shared, v_grouped, p, keep, out = (next(saved) for _ in range(8))
+                    q_pos, k_pos = chunk.positions(n)
+                    g, lq, _ = chunk.shape
+                    d_out = _rows(grad, q_pos)
+                    live = chunk.live(n)
+                    if live is not None:  # rows that never reached the output get no gradient
+                        d_out = torch.zeros_like(d_out).index_copy_(1, live, d_out[:, live])
+                    delta = torch.linalg.vecdot(d_out, out).view(-1, g, lq, 1)
+                    d_p = _dropped(_scores(d_out, v_shared, v_grouped, chunk.shape), keep, ctx.dropout_p)
+                    d_scores = d_p.sub_(delta).mul_(p)
+                    _scatter(dq, [q_pos], [_weighted(d_scores, k_shared, k_grouped, chunk.shape).mul_(d**-0.5)])
+                    _scatter(dk, [a_pos, k_pos], _weighted_t(d_scores, x, chunk.shape))
+                    _scatter(dv, [a_pos, k_pos], _weighted_t(_dropped(p, keep, ctx.dropout_p), d_out, chunk.shape))
         return dq, dk, dv, None, None
 
 
@@ -215,9 +222,7 @@ def _dropped(p, keep, dropout_p):
 
 
 def _scatter(grad, positions, parts):
-    """Add rows (b*h, m, d) into grad (b, h, n, d) at positions (m,); one tensor or a tuple each."""
-    if isinstance(positions, torch.Tensor):
-        positions, parts = (positions,), (parts,)
+    """Add each part's rows (b*h, m, d) into grad (b, h, n, d) at its positions (m,)."""
     for pos, part in zip(positions, parts):
         grad.index_add_(2, pos, part.view(*grad.shape[:2], -1, grad.shape[-1]))
 
