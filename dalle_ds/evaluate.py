@@ -37,12 +37,13 @@ def _batches(items: list, size: int):
 
 @torch.inference_mode()
 def eval_vae(vae: DiscreteVAE, shards: str, max_samples: int, batch_size: int = 32) -> dict:
-    samples = ImageTextStream(shards, vae.image_size, StreamConfig(num_workers=0)).first_samples(max_samples)
+    stream = ImageTextStream(shards, vae.image_size, StreamConfig(num_workers=0))
+    samples = stream.first_samples(max_samples)
     if not samples:
         raise ValueError(f"{shards} holds no images to evaluate the dVAE on")
     squared, counts = 0.0, torch.zeros(vae.num_tokens, dtype=torch.long)
     for batch in _batches(samples, batch_size):
-        images = images_to_float(torch.from_numpy(np.stack([image for image, _ in batch])))
+        images = images_to_float(stream.as_tensor(batch))
         codes = vae.get_codebook_indices(images)
         squared += float(((vae.decode(codes).clamp(0, 1) - images) ** 2).mean(dim=(1, 2, 3)).sum())
         counts += torch.bincount(codes.flatten(), minlength=vae.num_tokens)
@@ -64,7 +65,7 @@ def eval_dalle(dalle: DALLE, tokenizer: CaptionTokenizer, tokens: str, max_sampl
     sums, n = torch.zeros(3, dtype=torch.float64), 0
     for batch in _batches(samples, batch_size):
         text = tokenizer.encode([caption for _, caption in batch], dalle.text_seq_len)
-        codes = torch.from_numpy(np.stack([c.astype(np.int64) for c, _ in batch]))
+        codes = stream.as_tensor(batch)
         losses = dalle(text.ids, codes, mask=text.mask, return_loss=True, return_loss_breakdown=True)
         sums += torch.stack(losses).double() * len(batch)
         n += len(batch)
@@ -97,7 +98,7 @@ def eval_generations(folder, clip: tuple[CLIP, CaptionTokenizer] | None = None) 
         for prompt, paths in by_prompt.items():  # each caption embedded once, its images in one batch
             text = tokenizer.encode([prompt], model.text_seq_len)
             images = torch.cat([_load(path, model.image_size) for path in paths])
-            scores += (100 * model.embed_image(images) @ model.embed_text(text.ids, text.mask)[0]).tolist()
+            scores += (100 * model.caption_similarity(text.ids, images, text.mask)).tolist()
         result["clip_score"] = float(np.mean(scores))
     result.update(_attribute_accuracy(generated))
     return result

@@ -93,8 +93,8 @@ def _sample(dalle: DALLE, tokenizer: CaptionTokenizer, prompt: str, settings: Ge
 @torch.inference_mode()
 def _clip_scores(clip: tuple[CLIP, CaptionTokenizer], prompt: str, images: torch.Tensor) -> list[float]:
     model, tokenizer = clip
-    text = tokenizer.encode([prompt] * len(images), model.text_seq_len)
-    return model(text.ids, images, text_mask=text.mask).tolist()
+    text = tokenizer.encode([prompt], model.text_seq_len)
+    return (model.caption_similarity(text.ids, images, text.mask) * model.temperature.exp()).tolist()
 
 
 def _write(out: Path, index: int, prompt: str, ranked, settings: GenerateSettings) -> Generated:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import textwrap
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
@@ -39,7 +38,7 @@ def decode_check(folder, vae: DiscreteVAE, out_png, num_samples: int = 16) -> in
     samples = stream.first_samples(num_samples)
     if not samples:
         raise ValueError(f"{folder} holds no samples to decode")
-    codes = torch.from_numpy(np.stack([c.astype(np.int64) for c, _ in samples]))
+    codes = stream.as_tensor(samples)
     images = vae.eval().decode(codes)
     caption_grid(images, [c for _, c in samples]).save(out_png)
     return len(samples)

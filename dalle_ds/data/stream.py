@@ -360,6 +360,10 @@ class ShardStream:
                         return samples
         return samples
 
+    def as_tensor(self, samples: list[tuple[np.ndarray, str | None]]) -> torch.Tensor:
+        """The codes or images of some ``first_samples`` as one tensor, as the batches hold them."""
+        return self.format.tensor(np.stack([x for x, _ in samples]))
+
 
 class TokenStream(ShardStream):
     """Batches of {text (b, T) ids, mask (b, T), codes (b, N) long} from token-shard folders."""

@@ -109,6 +109,11 @@ class CLIP(PretrainedMixin, nn.Module):
         x = self.visual_norm(self.visual_transformer(x, [attend] * len(self.visual_transformer.blocks)))
         return F.normalize(self.to_visual_latent(x.mean(dim=1)), dim=-1)
 
+    def caption_similarity(self, text, images, text_mask=None) -> torch.Tensor:
+        """Cosine similarity (b,) of one caption (1, n) with each of the images (b, c, H, W): the
+        caption is embedded once, not once per image."""
+        return self.embed_image(images) @ self.embed_text(text, text_mask)[0]
+
     def forward(self, text, image, text_mask=None, return_loss=False):
         """Per-pair similarity (b,) or, with ``return_loss``, the symmetric contrastive loss."""
         text_latents = self.embed_text(text, text_mask)

@@ -99,7 +99,7 @@ class ClipTrainer(Trainer):
     def prepare(self) -> None:
         fixed = self.stream.first_samples(self.config.logging.retrieval_samples)
         self.fixed_captions = [caption for _, caption in fixed]
-        self.fixed_images = torch.from_numpy(np.stack([image for image, _ in fixed]))
+        self.fixed_images = self.stream.as_tensor(fixed)
         self.fixed_text = self.tokenizer.encode(self.fixed_captions, self.config.model.text_seq_len)
 
     def losses(self, batch: dict) -> list[torch.Tensor]:

@@ -13,7 +13,6 @@ import argparse
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -86,7 +85,7 @@ class VaeTrainer(Trainer):
 
     def prepare(self) -> None:
         fixed = self.stream.first_samples(self.config.logging.image_count)
-        self.fixed_images = torch.from_numpy(np.stack([image for image, _ in fixed]))
+        self.fixed_images = self.stream.as_tensor(fixed)
         self.code_counts = torch.zeros(self.model.num_tokens, dtype=torch.long, device=self.engine.device)
         self.model.encoder.register_forward_hook(self._count_codes)
 
@@ -99,9 +98,8 @@ class VaeTrainer(Trainer):
         return max(self.config.model.temperature * math.exp(-anneal.rate * self.progress.step), anneal.temperature_min)
 
     def losses(self, batch: dict) -> list[torch.Tensor]:
-        self.model.temperature = self.temperature()
         images = images_to_float(batch["images"]).to(self.precision)
-        return [self.engine(images, return_loss=True)]
+        return [self.engine(images, return_loss=True, temp=self.temperature())]
 
     def tokens(self, batch: dict) -> int:
         return batch["images"].shape[0] * self.model.grid_size**2
