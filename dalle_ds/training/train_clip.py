@@ -109,16 +109,13 @@ class ClipTrainer(Trainer):
     def tokens(self, batch: dict) -> int:
         return batch["images"].shape[0] * self._tokens_per_sample()
 
+    def visual_every(self) -> int:
+        return self.config.logging.retrieval_every_steps
+
     def visualise(self) -> None:
-        every = self.config.logging.retrieval_every_steps
-        if not every or self.progress.step % every:
-            return
         device = self.engine.device
-        self.engine.eval()
-        with torch.no_grad(), self.gathered_weights():
-            text = self.model.embed_text(self.fixed_text.ids.to(device), self.fixed_text.mask.to(device))
-            images = self.model.embed_image(images_to_float(self.fixed_images.to(device)).to(self.precision))
-        self.engine.train()
+        text = self.model.embed_text(self.fixed_text.ids.to(device), self.fixed_text.mask.to(device))
+        images = self.model.embed_image(images_to_float(self.fixed_images.to(device)).to(self.precision))
         self.metrics.write(self.progress.step, retrieval_accuracy(text, images, self.fixed_captions))
 
 

@@ -100,19 +100,16 @@ class DalleTrainer(Trainer):
     def stability_hint(self) -> str:
         return ", or model.stable=true"
 
+    def visual_every(self) -> int:
+        return self.config.logging.sample_every_steps
+
     def visualise(self) -> None:
         """Generated images for fixed captions, with the frozen dVAE; every rank generates the
         same grid (ZeRO-3 gathers the weights collectively)."""
-        every = self.config.logging.sample_every_steps
-        if not every or self.progress.step % every:
-            return
-        self.engine.eval()
         text = self.tokenizer.encode(self.sample_prompts, self.config.model.text_seq_len)
-        with self.gathered_weights():
-            images = self.model.generate_images(text.ids.to(self.engine.device), mask=text.mask.to(self.engine.device),
-                                                cond_scale=self.config.logging.sample_cond_scale,
-                                                seed=self.config.train.seed)
-        self.engine.train()
+        images = self.model.generate_images(text.ids.to(self.engine.device), mask=text.mask.to(self.engine.device),
+                                            cond_scale=self.config.logging.sample_cond_scale,
+                                            seed=self.config.train.seed)
         self.metrics.image_grid(self.progress.step, "samples", images, self.sample_prompts)
 
 

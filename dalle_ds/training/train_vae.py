@@ -111,16 +111,13 @@ class VaeTrainer(Trainer):
         self.code_counts.zero_()
         return {**usage, "vae/temperature": self.temperature()}
 
+    def visual_every(self) -> int:
+        return self.config.logging.image_every_steps
+
     def visualise(self) -> None:
         """Originals above their reconstructions from the hard codes (what DALL-E learns)."""
-        every = self.config.logging.image_every_steps
-        if not every or self.progress.step % every:
-            return
-        self.engine.eval()
         images = images_to_float(self.fixed_images.to(self.engine.device))
-        with torch.no_grad(), self.gathered_weights():
-            recons = self.model.decode(self.model.get_codebook_indices(images.to(self.precision)))
-        self.engine.train()
+        recons = self.model.decode(self.model.get_codebook_indices(images.to(self.precision)))
         n = len(images)
         self.metrics.image_grid(self.progress.step, "reconstructions", torch.cat([images, recons.float()]),
                                 ["original"] * n + ["reconstruction"] * n, columns=n)

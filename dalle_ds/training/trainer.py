@@ -8,6 +8,7 @@ Works the same as one process, under torchrun and under the deepspeed launcher.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import signal
@@ -187,8 +188,10 @@ class Trainer:
                 self._log(logs, throughput)
                 bar.set_postfix(loss=f"{logs[self.loss_names[0]]:.4f}")
             preempted = self.preemption.agreed(self.engine.device)  # then save at once, no pictures
-            if not preempted:
-                self.visualise()
+            every = self.visual_every()
+            if not preempted and every and self.progress.step % every == 0:
+                with self.evaluating():
+                    self.visualise()
             last = self.progress.step == self.config.train.steps
             if preempted or last or self.progress.step % self.config.checkpoint.every_steps == 0:
                 self._save()
@@ -268,13 +271,20 @@ class Trainer:
         checkpoint.save(self.engine, self.run_dir, self.progress.step, client, self.stream.state_dict(),
                         self.config.checkpoint.keep_last)
 
-    def gathered_weights(self):
-        """Whole weights for work outside the engine's forward (generation, decoding): ZeRO-3
-        keeps a slice per rank, so every rank must take part; a no-op at other stages."""
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Eval mode, no gradients and whole weights for work outside the engine's forward
+        (generation, decoding, retrieval): ZeRO-3 keeps a slice per rank, so every rank must take
+        part; the gathering is a no-op at other stages."""
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(list(self.model.parameters()),
-                                                 enabled=self.engine.zero_optimization_stage() == 3)
+        self.engine.eval()
+        try:
+            with torch.no_grad(), deepspeed.zero.GatheredParameters(
+                    list(self.model.parameters()), enabled=self.engine.zero_optimization_stage() == 3):
+                yield
+        finally:
+            self.engine.train()
 
     def summary(self) -> str:
         return (f"{self.command}: {self.progress.step} steps, {self.progress.samples} samples, "
@@ -315,8 +325,13 @@ class Trainer:
     def extra_logs(self) -> dict:
         return {}
 
+    def visual_every(self) -> int:
+        """Steps between calls of ``visualise`` (0: never)."""
+        return 0
+
     def visualise(self) -> None:
-        """After each step: pictures every so many steps (collective under ZeRO-3)."""
+        """Pictures or scores on fixed samples, every ``visual_every`` steps, inside
+        ``evaluating()`` (collective under ZeRO-3)."""
 
     def stability_hint(self) -> str:
         return ""
