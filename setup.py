@@ -9,6 +9,8 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["dalle_ds", "dalle_ds.*"]),
+    # the fused CPU attention kernel's source, compiled on first use (dalle_ds/attention/native.py)
+    package_data={"dalle_ds.attention": ["csrc/*.cpp"]},
     # the shipped DeepSpeed configs, for installs outside a checkout (see training/engine.py)
     data_files=[("share/dalle_ds/ds_configs", sorted(str(p) for p in Path("ds_configs").glob("*.json")))],
     python_requires=">=3.10",

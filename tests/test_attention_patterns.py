@@ -1,11 +1,16 @@
 """Attention patterns: hand-written golden masks, and every fast path against the dense
 masked reference, forward and backward."""
 
+import os
+import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
 
+from dalle_ds.attention import native
 from dalle_ds.attention.kernels import (attend, decode_attention, dense_reference_attention,
                                         flex_pattern_attention, gathered_attention)
 from dalle_ds.attention.patterns import ATTN_TYPES, AxialRowPattern, GroupBucket, SequenceLayout, build_pattern
@@ -54,19 +59,33 @@ CASES = [  # (layout, options): odd sizes, partial blocks and tiles, text longer
 ]
 
 
+# The CPU path's two implementations: the batched-matmul one (False) and the fused kernel (True),
+# which needs a C++ compiler; where there is one, the kernel must build (.ci/run builds it first).
+CPU_PATHS = [pytest.param(False, id="batched"),
+             pytest.param(True, id="fused", marks=pytest.mark.skipif(
+                 shutil.which("c++") is None, reason="no C++ compiler to build the fused kernel"))]
+
+
+def require_kernel(fused):
+    if fused:
+        assert native.ops() is not None, "a C++ compiler is here, but the fused attention kernel did not build"
+
+
 def qkv(n, requires_grad=True, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(2, 3, n, 8, generator=g, dtype=dtype).requires_grad_(requires_grad) for _ in range(3)]
 
 
+@pytest.mark.parametrize("fused", CPU_PATHS)
 @pytest.mark.parametrize("attn_type", [t for t in ATTN_TYPES if t != "full"])
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_gathered_cpu_path_equals_dense_reference(attn_type, case):
+def test_gathered_cpu_path_equals_dense_reference(attn_type, case, fused):
+    require_kernel(fused)
     layout, options = CASES[case]
     pattern = build_pattern(attn_type, layout, **options)
     for n in (layout.total_len, layout.total_len - 1, layout.text_len + 3, layout.text_len - 1):
         q, k, v = qkv(n)
-        fast, ref = gathered_attention(pattern, q, k, v), dense_reference_attention(pattern, q, k, v)
+        fast, ref = gathered_attention(pattern, q, k, v, fused=fused), dense_reference_attention(pattern, q, k, v)
         torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
         grad = torch.randn_like(fast)
         for a, b in zip(torch.autograd.grad(fast, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
@@ -76,28 +95,31 @@ def test_gathered_cpu_path_equals_dense_reference(attn_type, case):
 @pytest.mark.parametrize("attn_type", [t for t in ATTN_TYPES if t != "full"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 def test_gathered_backward_passes_gradcheck(attn_type, dropout_p):
-    """The CPU path's hand-written backward against finite differences, in float64; with dropout
-    each evaluation reseeds, so that every one draws the same mask."""
+    """The batched path's hand-written backward against finite differences, in float64 (which the
+    fused kernel does not take); with dropout each evaluation reseeds, so that every one draws
+    the same mask."""
     layout, options = CASES[0]
     pattern = build_pattern(attn_type, layout, **options)
     q, k, v = qkv(layout.total_len - 2, dtype=torch.float64)
 
     def fn(q, k, v):
         torch.manual_seed(0)
-        return gathered_attention(pattern, q, k, v, dropout_p=dropout_p)
+        return gathered_attention(pattern, q, k, v, dropout_p=dropout_p, fused=False)
 
     assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
     if dropout_p:  # the mask is real: it changes the output
         assert not torch.allclose(fn(q, k, v), gathered_attention(pattern, q, k, v))
 
 
+@pytest.mark.parametrize("fused", CPU_PATHS)
 @pytest.mark.parametrize("attn_type", [t for t in ATTN_TYPES if t != "full"])
-def test_gathered_path_in_bf16_follows_the_fp32_reference(attn_type):
+def test_gathered_path_in_bf16_follows_the_fp32_reference(attn_type, fused):
     """bf16 inputs stay bf16 (outputs and gradients), within bf16's precision of fp32."""
+    require_kernel(fused)
     layout, options = CASES[1]
     pattern = build_pattern(attn_type, layout, **options)
     q, k, v = qkv(layout.total_len, dtype=torch.bfloat16)
-    out = gathered_attention(pattern, q, k, v)
+    out = gathered_attention(pattern, q, k, v, fused=fused)
     grad = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), grad)
     ref_inputs = [x.detach().float().requires_grad_() for x in (q, k, v)]
@@ -107,6 +129,35 @@ def test_gathered_path_in_bf16_follows_the_fp32_reference(attn_type):
     torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a.float(), b, atol=6e-2, rtol=6e-2)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the fused kernel")
+def test_cpu_path_runs_the_fused_kernel_where_it_can():
+    """fp32 and bf16 without dropout go to the fused kernel; float64 and dropout, which it does
+    not take, to the batched path."""
+    require_kernel(True)
+    layout, options = CASES[0]
+    pattern = build_pattern("sparse", layout, **options)
+
+    def runs(dtype, dropout_p=0.0):
+        return gathered_attention(pattern, *qkv(layout.total_len, dtype=dtype), dropout_p=dropout_p).grad_fn.name()
+
+    assert "Fused" in runs(torch.float32) and "Fused" in runs(torch.bfloat16)
+    assert "Fused" not in runs(torch.float64) and "Fused" not in runs(torch.float32, dropout_p=0.1)
+
+
+def test_kernel_switched_off_leaves_the_batched_path():
+    """DALLE_DS_NATIVE_ATTENTION=0 (as where no compiler is) gives no kernel and the same results."""
+    code = ("import torch; from dalle_ds.attention import native; "
+            "from dalle_ds.attention.kernels import gathered_attention, dense_reference_attention; "
+            "from dalle_ds.attention.patterns import SequenceLayout, build_pattern; "
+            "p = build_pattern('conv_like', SequenceLayout(3, 4, 4)); q = torch.randn(1, 2, 19, 8); "
+            "assert native.ops() is None; "
+            "torch.testing.assert_close(gathered_attention(p, q, q, q), dense_reference_attention(p, q, q, q)); "
+            "print('batched path ok')")
+    env = {**os.environ, "DALLE_DS_NATIVE_ATTENTION": "0"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "batched path ok" in result.stdout, result.stderr
 
 
 class _SharedKeyAlsoInGroup(AxialRowPattern):  # key 0 would be counted twice in the softmax

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.nn.attention import flex_attention as _flex
 
+from . import native
 from .patterns import AttentionPattern
 
 _FLEX_MIN_HEAD_DIM = 16
@@ -44,20 +45,22 @@ def _clamped(positions: torch.Tensor, n: int) -> torch.Tensor:
 
 class _Chunk:
     """Sequence positions of some groups of one bucket: queries (g, q) and keys (g, s), scored
-    under ``bias`` (g, q, s); -1 = padding."""
+    under ``bias`` (g, q, s, fp32; ``bias_t`` is its (g, s, q) transpose); -1 = padding."""
 
     def __init__(self, pattern: AttentionPattern, queries, keys, device):
         self.shape = (*queries.shape, keys.shape[1])  # (g, q, s)
-        self.bias = _bias(pattern, queries, keys).to(device)
-        self.queries, self.keys = queries.flatten().to(device), keys.flatten().to(device)
+        self.bias = _bias(pattern, queries, keys).float().to(device)
+        self.bias_t = self.bias.transpose(1, 2).contiguous()
+        self.queries, self.keys = queries.contiguous().to(device), keys.contiguous().to(device)
 
     def positions(self, n: int):
-        """Query and key positions as gather indices into a length-n prefix."""
-        return _clamped(self.queries, n), _clamped(self.keys, n)
+        """Query and key positions, flattened, as gather indices into a length-n prefix."""
+        return _clamped(self.queries.flatten(), n), _clamped(self.keys.flatten(), n)
 
     def live(self, n: int) -> torch.Tensor | None:
         """Rows of the chunk's queries that are real positions of a length-n prefix (None: all)."""
-        live = (self.queries >= 0) & (self.queries < n)
+        queries = self.queries.flatten()
+        live = (queries >= 0) & (queries < n)
         return None if live.all() else live.nonzero().squeeze(1)
 
 
@@ -80,6 +83,10 @@ class GroupPlan:
             chunks = [_Chunk(pattern, queries[i : i + step], keys[i : i + step], device)
                       for i in range(0, len(queries), step)]
             self.buckets.append((shared, chunks))
+        # the fused kernel's arguments: per chunk, its shared keys, queries, keys, bias and bias^T
+        pairs = [(shared, chunk) for shared, chunks in self.buckets for chunk in chunks]
+        self.native_chunks = ([shared for shared, _ in pairs], *(
+            [getattr(chunk, name) for _, chunk in pairs] for name in ("queries", "keys", "bias", "bias_t")))
 
 
 def _shift(index: torch.Tensor, t: int) -> torch.Tensor:
@@ -125,13 +132,19 @@ def _rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 # A bucket's scores are one (b*h, g, q, a + s) tensor: column j < a is shared key j, the rest the
 # group's own keys. These three products are the forward's and the backward's matmuls alike.
 
-def _scores(x, shared, grouped, shape):
-    """x (bh, g*q, d) against [shared (bh, a, d) | grouped (bh, g*s, d)] -> (bh, g, q, a + s)."""
+def _scores(x, shared, grouped, shape, bias=None):
+    """x (bh, g*q, d) against [shared (bh, a, d) | grouped (bh, g*s, d)] -> (bh, g, q, a + s),
+    plus ``bias`` (g, q, s) on the grouped part."""
     (g, lq, ls), (bh, a, d) = shape, shared.shape
     out = x.new_empty(bh, g, lq, a + ls)
     torch.bmm(x, shared.transpose(1, 2), out=out.view(bh, g * lq, a + ls)[..., :a])
-    # a batched matmul into a strided output falls back to one gemm per matrix: copy instead
-    out.view(bh * g, lq, a + ls)[..., a:] = torch.bmm(x.view(bh * g, lq, d), grouped.view(bh * g, ls, d).transpose(1, 2))
+    # a batched matmul into a strided output falls back to one gemm per matrix: it is copied
+    # there instead, in the same pass as the bias is added
+    grouped_scores = torch.bmm(x.view(bh * g, lq, d), grouped.view(bh * g, ls, d).transpose(1, 2)).view(bh, g, lq, ls)
+    if bias is None:
+        out[..., a:] = grouped_scores
+    else:
+        torch.add(grouped_scores, bias, out=out[..., a:])
     return out
 
 
@@ -176,8 +189,7 @@ class _GroupedAttention(torch.autograd.Function):
                     q_pos, k_pos = chunk.positions(n)
                     x = _rows(q, q_pos).mul_(d**-0.5)
                     keys, values = (k_shared, _rows(k, k_pos)), (v_shared, _rows(v, k_pos))
-                    scores = _scores(x, *keys, chunk.shape)
-                    scores[..., len(a_pos):].add_(chunk.bias)
+                    scores = _scores(x, *keys, chunk.shape, chunk.bias)
                     p = scores.softmax(-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
                     # drawn in fp32: bf16 uniforms come in steps of 1/256, which would bias the keep rate
                     keep = torch.rand(p.shape, device=p.device) >= dropout_p if dropout_p else None
@@ -227,17 +239,49 @@ def _scatter(grad, positions, parts):
         grad.index_add_(2, pos, part.view(*grad.shape[:2], -1, grad.shape[-1]))
 
 
-def gathered_attention(pattern: AttentionPattern, q, k, v, dropout_p: float = 0.0):
+class _FusedGroupedAttention(torch.autograd.Function):
+    """The attention of ``_GroupedAttention``, by the fused CPU kernel (``native.py``): each
+    group's scores are made and used while in cache, and the backward recomputes them from the
+    saved log-sum-exp instead of keeping them. fp32 or bf16, softmax and gradients in fp32; no
+    dropout."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: GroupPlan):
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+        native.ops().grouped_forward(q, k, v, *plan.native_chunks, out, lse)
+        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        q, k, v, out, lse = ctx.saved_tensors
+        grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+        # every query's gradient row is written once (queries sit in exactly one group); keys add up
+        dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        dk, dv = (torch.zeros(q.shape, dtype=torch.float32, device=q.device) for _ in range(2))
+        native.ops().grouped_backward(grad, q, k, v, out, lse, *ctx.plan.native_chunks, dq, dk, dv)
+        return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), None
+
+
+def gathered_attention(pattern: AttentionPattern, q, k, v, dropout_p: float = 0.0, fused: bool | None = None):
     """Exact attention for a sparse pattern over a prefix of the sequence (n <= total_len).
 
     Queries are gathered into their pattern's groups; each group scores its queries against the
-    text and its bucket's shared image keys (one matmul for the whole bucket: those keys are
-    never copied per group) and against the group's own keys under its mask, in one softmax.
-    Text queries are one causal group. q, k, v: (b, h, n, d).
+    text and its bucket's shared image keys and against the group's own keys under its mask, in
+    one softmax. Text queries are one causal group. q, k, v: (b, h, n, d).
+
+    ``fused``: run the fused CPU kernel (True), the batched-matmul path (False), or the kernel
+    wherever it can (None: CPU, fp32 or bf16, no dropout, kernel built; see ``native.usable``).
     """
     if q.shape[2] <= pattern.layout.text_len:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
     plan = _memo(pattern, ("plan", q.device), lambda: GroupPlan(pattern, q.device))
+    if native.usable(q, dropout_p) if fused is None else fused:
+        return _FusedGroupedAttention.apply(q, k, v, plan)
     return _GroupedAttention.apply(q, k, v, plan, dropout_p)
 
 

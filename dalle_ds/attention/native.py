@@ -1,0 +1,52 @@
+"""The fused CPU kernel of the grouped attention (``csrc/grouped_attention.cpp``).
+
+It is compiled on first use with torch's C++ extension builder (about 10 s, then cached under
+``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), for the instruction set
+torch itself runs with here, which is part of the build's name: a cache shared by machines of
+different CPUs holds one build for each. Where no build is possible (no C++ compiler), a warning
+says so once and the batched-matmul path in ``kernels.py`` runs instead; so it does with
+``DALLE_DS_NATIVE_ATTENTION=0``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("csrc") / "grouped_attention.cpp"
+# Vector flags for the instruction set torch dispatches to on this CPU.
+_ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.cache
+def ops():
+    """The kernel's ops namespace, or None where the kernel is switched off or cannot be built."""
+    if os.environ.get("DALLE_DS_NATIVE_ATTENTION", "1") == "0":
+        return None
+    from torch.utils import cpp_extension
+
+    isa = torch.backends.cpu.get_cpu_capability()
+    try:
+        cpp_extension.load(
+            name=f"dalle_ds_grouped_attention_{isa.lower()}", sources=[str(_SOURCE)], is_python_module=False,
+            extra_cflags=["-O3", "-fopenmp-simd", *_ISA_FLAGS.get(isa, [])])
+    except Exception as error:  # a missing compiler shows up as several exception types
+        warnings.warn(f"the fused CPU attention kernel could not be built ({error}); sparse attention runs "
+                      f"the slower batched-matmul path. Install a C++ compiler (g++) to build it, or set "
+                      f"DALLE_DS_NATIVE_ATTENTION=0 to silence this.", stacklevel=2)
+        return None
+    return torch.ops.dalle_ds_attention
+
+
+def usable(q: torch.Tensor, dropout_p: float) -> bool:
+    """Whether the fused kernel computes this call: CPU, fp32 or bf16, no dropout (the kernel has
+    none), and the kernel built."""
+    return q.device.type == "cpu" and q.dtype in DTYPES and dropout_p == 0.0 and ops() is not None
