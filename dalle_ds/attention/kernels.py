@@ -7,7 +7,8 @@ against (its shared keys).
 Paths, chosen automatically by ``attend``:
 - full pattern: fused causal SDPA (flash kernel on CPU and CUDA);
 - sparse pattern, CUDA, training length, no dropout: FlexAttention with a block mask (compiled);
-- sparse pattern otherwise: ``gathered_attention``, the CPU path, whose cost follows density;
+- sparse pattern otherwise: ``gathered_attention``, the CPU path, whose cost follows density:
+  the fused C++ kernel (``native.py``) where it can run, else batched matmuls;
 - incremental decoding (KV cache): SDPA over the cache with the pattern's mask rows.
 """
 
@@ -205,7 +206,7 @@ class _GroupedAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        b, h, n, d = grad.shape
+        n, d = grad.shape[2:]
         saved = iter(ctx.saved_tensors)
         dq, dk, dv = (grad.new_zeros(grad.shape) for _ in range(3))
         with torch.autocast(grad.device.type, enabled=False):
@@ -279,6 +280,9 @@ def gathered_attention(pattern: AttentionPattern, q, k, v, dropout_p: float = 0.
     """
     if q.shape[2] <= pattern.layout.text_len:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    if fused and not native.usable(q, dropout_p):
+        raise ValueError(f"fused=True needs CPU fp32 or bf16 inputs without dropout and a built kernel "
+                         f"(see dalle_ds/attention/native.py); got {q.device} {q.dtype}, dropout {dropout_p}")
     plan = _memo(pattern, ("plan", q.device), lambda: GroupPlan(pattern, q.device))
     if native.usable(q, dropout_p) if fused is None else fused:
         return _FusedGroupedAttention.apply(q, k, v, plan)
