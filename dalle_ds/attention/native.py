@@ -37,7 +37,8 @@ def ops():
     try:
         cpp_extension.load(
             name=f"dalle_ds_grouped_attention_{isa.lower()}", sources=[str(_SOURCE)], is_python_module=False,
-            extra_cflags=["-O3", "-fopenmp-simd", *_ISA_FLAGS.get(isa, [])])
+            # -fopenmp: ATen's parallel_for is header code that runs serially without it
+            extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS.get(isa, [])], extra_ldflags=["-fopenmp"])
     except Exception as error:  # a missing compiler shows up as several exception types
         warnings.warn(f"the fused CPU attention kernel could not be built ({error}); sparse attention runs "
                       f"the slower batched-matmul path. Install a C++ compiler (g++) to build it, or set "
