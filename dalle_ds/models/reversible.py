@@ -2,8 +2,8 @@
 reimplementations: activation memory does not grow with depth.
 
 Each layer couples two streams: y1 = x1 + f(x2); y2 = x2 + g(y1). Forward keeps only the
-final output; backward walks the layers in reverse, reconstructing each layer's inputs from its
-outputs while recomputing f and g with gradients. Dropout inside f and g draws the same masks in
+last layer's graph; backward walks the other layers in reverse, reconstructing each layer's
+inputs from its outputs while recomputing f and g with gradients. Dropout inside f and g draws the same masks in
 the recomputation because each call replays the RNG state recorded in the forward pass.
 """
 
@@ -46,19 +46,25 @@ class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layers):
         x1, x2 = x.chunk(2, dim=-1)
-        for f, g in layers:
+        *rest, (f_last, g_last) = layers
+        for f, g in rest:
             x1 = x1 + f.record(x2)
             x2 = x2 + g.record(x1)
-        out = torch.cat([x1, x2], dim=-1)
-        ctx.layers = layers
-        ctx.save_for_backward(out)
-        return out
+        # The last layer keeps its graph: backward starts from it without recomputing it (one
+        # layer's activations, whatever the depth).
+        with torch.enable_grad():
+            x1, x2 = x1.detach().requires_grad_(), x2.detach().requires_grad_()
+            y1 = x1 + f_last.record(x2)
+            y2 = x2 + g_last.record(y1)
+        ctx.layers, ctx.last = rest, (x1, x2, y1, y2)
+        return torch.cat([y1, y2], dim=-1).detach()
 
     @staticmethod
     def backward(ctx, grad_out):
-        (out,) = ctx.saved_tensors
-        y1, y2 = (t.detach() for t in out.chunk(2, dim=-1))
-        dy1, dy2 = grad_out.chunk(2, dim=-1)
+        x1, x2, y1, y2 = ctx.last
+        del ctx.last
+        torch.autograd.backward([y1, y2], list(grad_out.chunk(2, dim=-1)))
+        y1, y2, dy1, dy2 = x1.detach(), x2.detach(), x1.grad, x2.grad
         for f, g in reversed(ctx.layers):
             with torch.enable_grad():
                 y1.requires_grad_(True)
