@@ -2,8 +2,10 @@
 
 It is compiled on first use with torch's C++ extension builder (about 10 s, then cached under
 ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), for the instruction set
-torch itself runs with here, which is part of the build's name: a cache shared by machines of
-different CPUs holds one build for each. Where no build is possible (no C++ compiler), a warning
+torch itself runs with here. That and torch's version are part of the build's name (the
+builder's cache key covers only the sources and flags): a cache shared by machines of different
+CPUs holds one build for each, and a torch upgrade builds anew instead of loading a binary
+compiled against other headers. Where no build is possible (no C++ compiler), a warning
 says so once and the batched-matmul path in ``kernels.py`` runs instead; so it does with
 ``DALLE_DS_NATIVE_ATTENTION=0``.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -34,9 +37,11 @@ def ops():
     from torch.utils import cpp_extension
 
     isa = torch.backends.cpu.get_cpu_capability()
+    version = re.sub(r"\W", "_", torch.__version__)
     try:
         cpp_extension.load(
-            name=f"dalle_ds_grouped_attention_{isa.lower()}", sources=[str(_SOURCE)], is_python_module=False,
+            name=f"dalle_ds_grouped_attention_{isa.lower()}_torch_{version}", sources=[str(_SOURCE)],
+            is_python_module=False,
             # -fopenmp: ATen's parallel_for is header code that runs serially without it
             extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS.get(isa, [])], extra_ldflags=["-fopenmp"])
     except Exception as error:  # a missing compiler shows up as several exception types
