@@ -212,6 +212,20 @@ def test_flex_block_mask_path_equals_dense_reference(attn_type):
 
 
 @pytest.mark.parametrize("attn_type", ATTN_TYPES)
+def test_compiled_flex_path_equals_dense_reference(attn_type):
+    """The CUDA path as it runs there, compiled (torch.compile traces the pattern's mask rule into
+    the block mask), here by inductor's CPU backend: forward only, as FlexAttention on CPU has no
+    backward. About 3 s per pattern after the first compile."""
+    layout, options = CASES[0]
+    pattern = build_pattern(attn_type, layout, **options)
+    q, k, v = (torch.randn(2, 3, layout.total_len, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = flex_pattern_attention(pattern, q, k, v, compiled=True)
+    torch.testing.assert_close(out, dense_reference_attention(pattern, q, k, v), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn_type", ATTN_TYPES)
 def test_incremental_decoding_equals_reference_rows(attn_type):
     layout, options = CASES[1]
     pattern = build_pattern(attn_type, layout, **options)
