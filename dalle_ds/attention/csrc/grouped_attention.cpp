@@ -193,7 +193,6 @@ void scatter_add(const Chunk& c, int64_t group, int64_t from, int64_t to, const 
   }
 }
 
-
 // Per-thread scratch, grown to the largest chunk and reused for every group.
 struct Scratch {
   std::vector<float> xq, xq_t, d_out, d_out_t, ks, kt, vs, p, dp, o, lse_q, delta, dk_shared, dv_shared, inv;
