@@ -188,6 +188,14 @@ def test_reversible_recomputes_under_the_forward_autocast():
         assert (g_rev[name] - g_ref[name]).norm() <= 1e-5 * g_ref[name].norm(), name
 
 
+def test_reversible_backward_twice_is_a_clear_error():
+    dalle = tiny_dalle(reversible=True)
+    loss = dalle(*batch(dalle), return_loss=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward runs once per forward"):
+        loss.backward()
+
+
 def test_reversible_layers_train_below_frozen_embeddings():
     dalle = tiny_dalle(reversible=True)
     for emb in (dalle.text_emb, dalle.text_pos_emb, dalle.image_emb, dalle.image_row_emb, dalle.image_col_emb):

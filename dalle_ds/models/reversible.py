@@ -3,8 +3,9 @@ reimplementations: activation memory does not grow with depth.
 
 Each layer couples two streams: y1 = x1 + f(x2); y2 = x2 + g(y1). Forward keeps only the
 last layer's graph; backward walks the other layers in reverse, reconstructing each layer's
-inputs from its outputs while recomputing f and g with gradients. Dropout inside f and g draws the same masks in
-the recomputation because each call replays the RNG state recorded in the forward pass.
+inputs from its outputs while recomputing f and g with gradients. Dropout inside f and g draws
+the same masks in the recomputation because each call replays the RNG state recorded in the
+forward pass. The backward runs once per forward (its buffers are freed as it goes).
 """
 
 from __future__ import annotations
@@ -61,8 +62,10 @@ class _ReversibleFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x1, x2, y1, y2 = ctx.last
-        del ctx.last
+        if ctx.last is None:
+            raise RuntimeError("the reversible stack's backward runs once per forward: run the forward "
+                               "again instead of backward with retain_graph=True")
+        (x1, x2, y1, y2), ctx.last = ctx.last, None
         torch.autograd.backward([y1, y2], list(grad_out.chunk(2, dim=-1)))
         y1, y2, dy1, dy2 = x1.detach(), x2.detach(), x1.grad, x2.grad
         for f, g in reversed(ctx.layers):
