@@ -148,6 +148,24 @@ def test_cpu_path_runs_the_fused_kernel_where_it_can():
         gathered_attention(pattern, *qkv(layout.total_len), dropout_p=0.1, fused=True)
 
 
+@pytest.mark.parametrize("fused", CPU_PATHS)
+def test_gathered_path_takes_a_head_dim_of_one_with_any_stride(fused):
+    """A size-1 last dim may carry any stride (torch calls the tensor contiguous regardless)."""
+    require_kernel(fused)
+    layout, options = CASES[0]
+    pattern = build_pattern("sparse", layout, **options)
+    q, k, v = (torch.randn(2, 3, 1, layout.total_len).transpose(-1, -2) for _ in range(3))
+    torch.testing.assert_close(gathered_attention(pattern, q, k, v, fused=fused),
+                               dense_reference_attention(pattern, q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_sequence_longer_than_the_pattern_is_a_clear_error():
+    layout, options = CASES[0]
+    pattern = build_pattern("sparse", layout, **options)
+    with pytest.raises(ValueError, match="must not be longer than text_len"):
+        gathered_attention(pattern, *qkv(layout.total_len + 1))
+
+
 def test_kernel_switched_off_leaves_the_batched_path():
     """DALLE_DS_NATIVE_ATTENTION=0 (as where no compiler is) gives no kernel and the same results."""
     code = ("import torch; from dalle_ds.attention import native; "

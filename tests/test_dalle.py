@@ -6,6 +6,7 @@ import torch
 from conftest import tiny_dalle
 from dalle_ds import DALLE, DiscreteVAE
 from dalle_ds.attention.patterns import ATTN_TYPES
+from dalle_ds.models.reversible import reversible_sequence
 
 
 def batch(dalle, b=2, seed=0):
@@ -186,6 +187,14 @@ def test_reversible_recomputes_under_the_forward_autocast():
     g_rev, g_ref = grads(True), grads(False)
     for name in g_ref:  # recomputing in fp32 instead would be off by ~1e-2
         assert (g_rev[name] - g_ref[name]).norm() <= 1e-5 * g_ref[name].norm(), name
+
+
+def test_reversible_stack_of_no_layers_is_the_identity():
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    out = reversible_sequence(x, [])
+    out.sum().backward()
+    torch.testing.assert_close(out, x)
+    torch.testing.assert_close(x.grad, torch.ones_like(x))
 
 
 def test_reversible_backward_twice_is_a_clear_error():

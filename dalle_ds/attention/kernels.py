@@ -278,6 +278,9 @@ def gathered_attention(pattern: AttentionPattern, q, k, v, dropout_p: float = 0.
     ``fused``: run the fused CPU kernel (True), the batched-matmul path (False), or the kernel
     wherever it can (None: CPU, fp32 or bf16, no dropout, kernel built; see ``native.usable``).
     """
+    if q.shape[2] > pattern.layout.total_len:
+        raise ValueError(f"{q.shape[2]} positions for a {pattern.name} pattern of {pattern.layout.total_len}: "
+                         f"the sequence must not be longer than text_len + image tokens")
     if q.shape[2] <= pattern.layout.text_len:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
     if fused and not native.usable(q, dropout_p):

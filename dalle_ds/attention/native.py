@@ -37,22 +37,24 @@ def ops():
     from torch.utils import cpp_extension
 
     isa = torch.backends.cpu.get_cpu_capability()
-    version = re.sub(r"\W", "_", torch.__version__)
+    tag = re.sub(r"\W", "_", f"{isa}_torch_{torch.__version__}").lower()
     try:
         cpp_extension.load(
-            name=f"dalle_ds_grouped_attention_{isa.lower()}_torch_{version}", sources=[str(_SOURCE)],
+            name=f"dalle_ds_grouped_attention_{tag}", sources=[str(_SOURCE)],
             is_python_module=False,
             # -fopenmp: ATen's parallel_for is header code that runs serially without it
             extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS.get(isa, [])], extra_ldflags=["-fopenmp"])
     except Exception as error:  # a missing compiler shows up as several exception types
-        warnings.warn(f"the fused CPU attention kernel could not be built ({error}); sparse attention runs "
-                      f"the slower batched-matmul path. Install a C++ compiler (g++) to build it, or set "
+        warnings.warn(f"the fused CPU attention kernel could not be built ({error}); sparse attention on CPU "
+                      f"runs the slower batched-matmul path. The build needs a C++ compiler (g++) and a torch "
+                      f"whose ATen has cpublas::brgemm for float (tested with 2.13); set "
                       f"DALLE_DS_NATIVE_ATTENTION=0 to silence this.", stacklevel=2)
         return None
     return torch.ops.dalle_ds_attention
 
 
 def usable(q: torch.Tensor, dropout_p: float) -> bool:
-    """Whether the fused kernel computes this call: CPU, fp32 or bf16, no dropout (the kernel has
-    none), and the kernel built."""
-    return q.device.type == "cpu" and q.dtype in DTYPES and dropout_p == 0.0 and ops() is not None
+    """Whether the fused kernel computes this call: CPU, fp32 or bf16, a non-empty head dim, no
+    dropout (the kernel has none), and the kernel built."""
+    return (q.device.type == "cpu" and q.dtype in DTYPES and q.shape[-1] > 0 and dropout_p == 0.0
+            and ops() is not None)

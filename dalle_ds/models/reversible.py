@@ -92,7 +92,7 @@ def reversible_sequence(x: torch.Tensor, layers: Sequence[tuple[Branch, Branch]]
     streams are averaged. ``memory_efficient=False`` differentiates the same computation with
     plain autograd (stores every activation); it is the reference for the custom backward."""
     x = torch.cat([x, x], dim=-1)
-    if memory_efficient and torch.is_grad_enabled():
+    if memory_efficient and torch.is_grad_enabled() and layers:
         # The parameters are not inputs of the Function (backward accumulates their .grad
         # directly, so torch.autograd.grad on them is not supported); its input must require
         # grad for backward to run at all, e.g. when the embeddings below are frozen.

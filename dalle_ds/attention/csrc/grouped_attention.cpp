@@ -3,7 +3,10 @@
 // One call runs a whole GroupPlan: per chunk of a bucket, g groups, each of lq queries scored
 // against the bucket's a shared keys (unmasked) and the group's ls own keys (under `bias`), in
 // one softmax. Positions are sequence indices; -1, and positions past the prefix length n, are
-// padding (queries are skipped, keys masked). Every (batch, head) slice is one task: per chunk
+// padding: such queries are skipped, such keys gathered as zeros. The group's bias masks every
+// own key a query may not see; shared keys are unmasked, as the plan only shares a key with
+// queries after it (so a shared key past the prefix is seen only by skipped queries). Every
+// (batch, head) slice is one task: per chunk
 // its shared keys are gathered once, then each group's scores are made, normalised and used
 // while they sit in cache. That is what makes this faster than the batched-matmul path, which
 // writes every score tensor to memory and reads it back several times.
@@ -256,7 +259,8 @@ void forward_slice(const Chunk& c, const Slice<T>& x, Scratch& m) {
 }
 
 // The backward works on transposed scores, (s x lq): P^T and dS^T then feed dV = P^T dO and
-// dK = dS^T Q directly, and the transposes left are of (lq x d) blocks, not of the scores.
+// dK = dS^T Q directly; what is transposed is Q and dO (lq x d) and, for dQ, the keys (s x d),
+// never the scores.
 // dq_slice rows are stored (each query is in exactly one group); dk, dv rows accumulate. The
 // shared keys' gradients accumulate over the groups in scratch and are added once.
 template <typename T>
@@ -361,9 +365,13 @@ void backward_all(const at::Tensor& grad, const at::Tensor& q, const at::Tensor&
   });
 }
 
+// Rows are read as d contiguous elements; a stride along a dimension of size 1 is never used.
+bool unit_stride_in_d(const at::Tensor& x) { return x.size(3) == 1 || x.stride(3) == 1; }
+
 std::vector<Chunk> make_chunks(const at::Tensor& q, const at::TensorList shared, const at::TensorList queries,
                                const at::TensorList keys, const at::TensorList bias, const at::TensorList bias_t) {
-  TORCH_CHECK(q.dim() == 4 && q.stride(3) == 1, "grouped attention: q, k, v must be (b, h, n, d), unit stride in d");
+  TORCH_CHECK(q.dim() == 4 && q.size(3) > 0 && unit_stride_in_d(q),
+              "grouped attention: q, k, v must be (b, h, n, d), d > 0, unit stride in d");
   const size_t count = shared.size();
   TORCH_CHECK(queries.size() == count && keys.size() == count && bias.size() == count && bias_t.size() == count,
               "grouped attention: one shared, queries, keys, bias and bias_t tensor per chunk");
@@ -384,7 +392,7 @@ std::vector<Chunk> make_chunks(const at::Tensor& q, const at::TensorList shared,
 }
 
 void check_like_q(const at::Tensor& q, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.sizes() == q.sizes() && x.scalar_type() == q.scalar_type() && x.stride(3) == 1,
+  TORCH_CHECK(x.sizes() == q.sizes() && x.scalar_type() == q.scalar_type() && unit_stride_in_d(x),
               "grouped attention: ", name, " must match q in shape and dtype, unit stride in d");
 }
 
@@ -395,7 +403,7 @@ void grouped_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   check_like_q(q, k, "k");
   check_like_q(q, v, "v");
   check_like_q(q, out, "out");
-  TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat && lse.numel() == q.numel() / q.size(3),
+  TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat && lse.sizes() == q.sizes().slice(0, 3),
               "grouped attention: lse must be contiguous float32 (b, h, n)");
   AT_DISPATCH_SWITCH(q.scalar_type(), "grouped_forward",
       AT_DISPATCH_CASE(at::kFloat, [&] { forward_all<scalar_t>(q, k, v, out, lse, chunks); })
