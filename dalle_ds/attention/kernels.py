@@ -22,10 +22,11 @@ from torch.nn.attention import flex_attention as _flex
 from . import native
 from .patterns import AttentionPattern
 
-_FLEX_MIN_HEAD_DIM = 16
-# The CPU path splits big buckets into chunks of at most this many scores per head. Smaller
+_FLEX_MIN_HEAD_DIM = 16  # FlexAttention's CUDA kernel rejects smaller heads
+# The batched path splits big buckets into chunks of at most this many scores per head. Smaller
 # temporaries are reused by the allocator instead of being mapped afresh (page faults) on every
 # call, and a chunk's scores stay nearer the cache: 2**15 measured best (benchmarks/bench_attention.py).
+# The fused kernel keeps each group's scores in cache anyway: its plan has one chunk per bucket.
 _SCORES_PER_CHUNK = 1 << 15
 
 
@@ -68,9 +69,10 @@ class _Chunk:
 class GroupPlan:
     """The pattern's buckets in sequence positions, each as (shared key positions (a,), chunks):
     the text queries first, as one causal group with no shared keys; image buckets share the
-    text, then their shared image keys, unmasked. Big buckets are split into chunks."""
+    text, then their shared image keys, unmasked. With ``split``, big buckets are split into
+    chunks of at most ``_SCORES_PER_CHUNK`` scores per head (for the batched path)."""
 
-    def __init__(self, pattern: AttentionPattern, device: torch.device):
+    def __init__(self, pattern: AttentionPattern, device: torch.device, split: bool):
         t = pattern.layout.text_len
         buckets = pattern.groups()
         _check_coverage(pattern, buckets)
@@ -79,7 +81,7 @@ class GroupPlan:
         for bucket in buckets:
             shared = torch.cat([torch.arange(t), bucket.shared + t]).to(device)
             lq, ls = bucket.queries.shape[1], bucket.keys.shape[1]
-            step = max(1, _SCORES_PER_CHUNK // (lq * (len(shared) + ls)))
+            step = max(1, _SCORES_PER_CHUNK // (lq * (len(shared) + ls))) if split else len(bucket.queries)
             queries, keys = _shift(bucket.queries, t), _shift(bucket.keys, t)
             chunks = [_Chunk(pattern, queries[i : i + step], keys[i : i + step], device)
                       for i in range(0, len(queries), step)]
@@ -286,8 +288,9 @@ def gathered_attention(pattern: AttentionPattern, q, k, v, dropout_p: float = 0.
     if fused and not native.usable(q, dropout_p):
         raise ValueError(f"fused=True needs CPU fp32 or bf16 inputs without dropout and a built kernel "
                          f"(see dalle_ds/attention/native.py); got {q.device} {q.dtype}, dropout {dropout_p}")
-    plan = _memo(pattern, ("plan", q.device), lambda: GroupPlan(pattern, q.device))
-    if native.usable(q, dropout_p) if fused is None else fused:
+    fused = native.usable(q, dropout_p) if fused is None else fused
+    plan = _memo(pattern, ("plan", q.device, fused), lambda: GroupPlan(pattern, q.device, split=not fused))
+    if fused:
         return _FusedGroupedAttention.apply(q, k, v, plan)
     return _GroupedAttention.apply(q, k, v, plan, dropout_p)
 
