@@ -12,7 +12,7 @@ import torch
 
 from dalle_ds.attention import native
 from dalle_ds.attention.kernels import (attend, decode_attention, dense_reference_attention,
-                                        flex_pattern_attention, gathered_attention)
+                                        gathered_attention)
 from dalle_ds.attention.patterns import ATTN_TYPES, AxialRowPattern, GroupBucket, SequenceLayout, build_pattern
 
 # text_len 2 (bos + one caption token), 3x3 image grid: positions 0-1 text, 2-10 image.
@@ -215,32 +215,6 @@ def test_gathered_path_work_follows_density():
         assert scored < 0.2 * dense_pairs, (attn_type, scored / dense_pairs)
         queries = torch.cat([b.queries.flatten() for b in buckets])
         assert torch.equal(queries[queries >= 0].sort().values, torch.arange(layout.image_len))
-
-
-@pytest.mark.parametrize("attn_type", ATTN_TYPES)
-def test_flex_block_mask_path_equals_dense_reference(attn_type):
-    """The CUDA path's FlexAttention mask, run uncompiled on CPU (forward only there)."""
-    layout, options = CASES[0]
-    pattern = build_pattern(attn_type, layout, **options)
-    q, k, v = qkv(layout.total_len, requires_grad=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = flex_pattern_attention(pattern, q, k, v, compiled=False)
-    torch.testing.assert_close(out, dense_reference_attention(pattern, q, k, v), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("attn_type", ATTN_TYPES)
-def test_compiled_flex_path_equals_dense_reference(attn_type):
-    """The CUDA path as it runs there, compiled (torch.compile traces the pattern's mask rule into
-    the block mask), here by inductor's CPU backend: forward only, as FlexAttention on CPU has no
-    backward. About 3 s per pattern after the first compile."""
-    layout, options = CASES[0]
-    pattern = build_pattern(attn_type, layout, **options)
-    q, k, v = (torch.randn(2, 3, layout.total_len, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = flex_pattern_attention(pattern, q, k, v, compiled=True)
-    torch.testing.assert_close(out, dense_reference_attention(pattern, q, k, v), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("attn_type", ATTN_TYPES)

@@ -6,9 +6,12 @@ against (its shared keys).
 
 Paths, chosen automatically by ``attend``:
 - full pattern: fused causal SDPA (flash kernel on CPU and CUDA);
-- sparse pattern, CUDA, training length, no dropout: FlexAttention with a block mask (compiled);
-- sparse pattern otherwise: ``gathered_attention``, the CPU path, whose cost follows density:
-  the fused C++ kernel (``native.py``) where it can run, else batched matmuls;
+- sparse pattern, CUDA, training length, no dropout, head dim >= 16: FlexAttention with a block
+  mask, compiled (``flex.py``); a training-length call on CUDA that cannot take it is counted and
+  warned about once per cause;
+- sparse pattern otherwise (CPU; on CUDA: prompts of other lengths, dropout, small heads):
+  ``gathered_attention``, whose cost follows density: the fused C++ CPU kernel (``native.py``)
+  where it can run, else batched matmuls (any device);
 - incremental decoding (KV cache): SDPA over the cache with the pattern's mask rows.
 """
 
@@ -17,12 +20,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
-from torch.nn.attention import flex_attention as _flex
 
-from . import native
+from . import flex, native
 from .patterns import AttentionPattern
 
-_FLEX_MIN_HEAD_DIM = 16  # FlexAttention's CUDA kernel rejects smaller heads
+# Devices where a sparse layer at the training length runs FlexAttention (``flex.py``). CPU has
+# no FlexAttention backward; the tests add it to run the compiled forward there.
+FLEX_DEVICES = ("cuda",)
 # The batched path splits big buckets into chunks of at most this many scores per head. Smaller
 # temporaries are reused by the allocator instead of being mapped afresh (page faults) on every
 # call, and a chunk's scores stay nearer the cache: 2**15 measured best (benchmarks/bench_attention.py).
@@ -119,12 +123,6 @@ def _check_coverage(pattern: AttentionPattern, buckets) -> None:
         assert needed[real[:, None], shared[None, :]].all(), f"{pattern.name} shares keys some queries may not see"
     assert (queries_seen == 1).all(), f"{pattern.name} groups do not hold every image query exactly once"
     assert not (needed & ~covered[:n_img, :n_img]).any(), f"{pattern.name} groups miss allowed keys"
-
-
-def _memo(pattern: AttentionPattern, key: tuple, build):
-    if key not in pattern.memo:
-        pattern.memo[key] = build()
-    return pattern.memo[key]
 
 
 def _rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -289,7 +287,7 @@ def gathered_attention(pattern: AttentionPattern, q, k, v, dropout_p: float = 0.
         raise ValueError(f"fused=True needs CPU fp32 or bf16 inputs without dropout and a built kernel "
                          f"(see dalle_ds/attention/native.py); got {q.device} {q.dtype}, dropout {dropout_p}")
     fused = native.usable(q, dropout_p) if fused is None else fused
-    plan = _memo(pattern, ("plan", q.device, fused), lambda: GroupPlan(pattern, q.device, split=not fused))
+    plan = pattern.derived(("plan", q.device, fused), lambda: GroupPlan(pattern, q.device, split=not fused))
     if fused:
         return _FusedGroupedAttention.apply(q, k, v, plan)
     return _GroupedAttention.apply(q, k, v, plan, dropout_p)
@@ -301,28 +299,12 @@ def dense_reference_attention(pattern: AttentionPattern, q, k, v, dropout_p: flo
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
-_compiled_flex = None
-
-
-def flex_pattern_attention(pattern: AttentionPattern, q, k, v, compiled: bool = True):
-    """FlexAttention with the pattern's block mask (built once per length and device)."""
-    global _compiled_flex
-    n = q.shape[2]
-    block_mask = _memo(pattern, ("block_mask", n, q.device), lambda: _flex.create_block_mask(
-        lambda b, h, qi, ki: pattern.allowed(qi, ki), None, None, n, n, device=q.device))
-    if not compiled:
-        return _flex.flex_attention(q, k, v, block_mask=block_mask)
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(_flex.flex_attention, dynamic=False)
-    return _compiled_flex(q, k, v, block_mask=block_mask)
-
-
 def decode_attention(pattern: AttentionPattern, q, k, v, start: int):
     """Queries at positions [start, start + nq) against cached keys [0, start + nq)."""
     nq, nk = q.shape[2], k.shape[2]
     if nq == 1 and not pattern.sparse:
         return F.scaled_dot_product_attention(q, k, v)
-    mask = _memo(pattern, ("dense_mask", q.device), lambda: pattern.dense_mask(device=q.device))
+    mask = pattern.derived(("dense_mask", q.device), lambda: pattern.dense_mask(device=q.device))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[start : start + nq, :nk])
 
 
@@ -336,7 +318,18 @@ def attend(pattern: AttentionPattern, q, k, v, *, start: int = 0, dropout_p: flo
     if not pattern.sparse:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
     # Flex only at the training length: each new length would recompile it (prompts vary).
-    training_len = q.shape[2] == pattern.layout.total_len - 1
-    if q.is_cuda and dropout_p == 0.0 and training_len and q.shape[-1] >= _FLEX_MIN_HEAD_DIM:
-        return flex_pattern_attention(pattern, q, k, v)
+    if q.device.type in FLEX_DEVICES and q.shape[2] == pattern.layout.total_len - 1:
+        cause = _flex_unusable(q, dropout_p)
+        if cause is None:
+            return flex.pattern_attention(pattern, q, k, v)
+        flex.note_unfused(cause)
     return gathered_attention(pattern, q, k, v, dropout_p)
+
+
+def _flex_unusable(q, dropout_p: float) -> str | None:
+    """Why FlexAttention cannot run these inputs (None: it can)."""
+    if dropout_p > 0:
+        return f"attention dropout is on ({dropout_p}; FlexAttention has none): set attn_dropout=0 for speed"
+    if q.shape[-1] < flex.MIN_HEAD_DIM:
+        return f"the head dim {q.shape[-1]} is below FlexAttention's minimum of {flex.MIN_HEAD_DIM}"
+    return None

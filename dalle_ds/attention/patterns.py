@@ -62,8 +62,13 @@ class AttentionPattern:
 
     def __init__(self, layout: SequenceLayout):
         self.layout = layout
-        # Tensors the kernels derive from this pattern (per device and length), built once.
-        self.memo: dict = {}
+        self._derived: dict = {}
+
+    def derived(self, key: tuple, build):
+        """What the kernels derive from this pattern (per device, length, ...), built once."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
 
     def image_rule(self, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
         """May image query ``qi`` see image key ``ki`` (both image indices, ki <= qi)?"""
@@ -87,6 +92,11 @@ class AttentionPattern:
         """Buckets of query groups that cover the rule. Every image query appears exactly once
         over all buckets."""
         raise NotImplementedError(f"{self.name} attention has no key groups")
+
+    def flex_order(self) -> torch.Tensor | None:
+        """Image indices in the order FlexAttention should lay them out, so that the pairs the
+        rule allows fall in few (query block, key block) tiles; None: raster order."""
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.layout})"
@@ -124,8 +134,14 @@ class AxialColPattern(AttentionPattern):
         return qi % w == ki % w
 
     def groups(self):
-        idx = torch.arange(self.layout.image_len).view(self.layout.grid_h, self.layout.grid_w).t()
-        return [GroupBucket(idx, idx)]
+        return [GroupBucket(self._columns(), self._columns())]
+
+    def flex_order(self):
+        # column-major: each column is one contiguous run, as a row is in raster order
+        return self._columns().flatten()
+
+    def _columns(self) -> torch.Tensor:
+        return torch.arange(self.layout.image_len).view(self.layout.grid_h, self.layout.grid_w).t()
 
 
 class ConvLikePattern(AttentionPattern):
@@ -203,6 +219,15 @@ class BlockSparsePattern(AttentionPattern):
             shared = (summary_blocks[:, None] * bs + torch.arange(bs)).flatten()
             groups.append(GroupBucket(_pad_out_of_range(q_idx, n), _pad_out_of_range(k_idx, n), shared))
         return groups
+
+
+    def flex_order(self):
+        # The summary blocks first, then the rest, each in raster order. In raster order every
+        # 128 positions hold a summary block, so every earlier tile would be visited; gathered
+        # together, the summaries fill a few tiles near the text, which all later queries share.
+        idx = torch.arange(self.layout.image_len)
+        summary = (idx // self.block_size) % self.stride == self.stride - 1
+        return torch.cat([idx[summary], idx[~summary]])
 
 
 def _pad_out_of_range(idx: torch.Tensor, n: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..attention import flex
 from ..config import to_dict
 from ..data.stream import TokenStream
 from ..data.tokenizer import CaptionTokenizer
@@ -96,6 +97,10 @@ class DalleTrainer(Trainer):
 
     def tokens(self, batch: dict) -> int:
         return batch["text"].shape[0] * (batch["text"].shape[1] + batch["codes"].shape[1])
+
+    def extra_logs(self) -> dict:
+        """This rank's FlexAttention compiles and sparse calls that could not use it (see attention/flex.py)."""
+        return {"attention/flex_compiles": flex.COUNTS["compiles"], "attention/unfused_calls": flex.COUNTS["unfused_calls"]}
 
     def stability_hint(self) -> str:
         return ", or model.stable=true"
