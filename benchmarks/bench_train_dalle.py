@@ -31,20 +31,22 @@ MODEL = ["model.dim=256", "model.depth=4", "model.heads=8", "model.dim_head=32",
 WORDS = "a photo of the red green blue small large round square dog cat tree house car on in".split()
 
 
-def prepare(root: Path) -> None:
-    vae = DiscreteVAE(image_size=128, num_layers=3, num_tokens=1024, codebook_dim=64, hidden_dim=16)
+def prepare(root: Path, image_size: int = 128, num_layers: int = 3, num_tokens: int = 1024) -> None:
+    """A random dVAE, 4 token shards of 600 samples from it, and a tokenizer of their captions."""
+    vae = DiscreteVAE(image_size=image_size, num_layers=num_layers, num_tokens=num_tokens, codebook_dim=64, hidden_dim=16)
     vae.save_pretrained(root / "vae")
-    rng, dtype, folder = np.random.default_rng(0), codes_dtype(1024), root / "tokens"
+    rng, dtype, folder = np.random.default_rng(0), codes_dtype(num_tokens), root / "tokens"
+    grid = image_size // 2**num_layers
     folder.mkdir()
     captions = [" ".join(rng.choice(WORDS, size=rng.integers(5, 20))) for _ in range(2_000)]
     for s in range(4):
         writer = TokenShardWriter(folder / f"{s:05d}.tar", dtype)
         for i in range(600):
-            writer.write(TokenSample(f"{s}{i:05d}", rng.integers(0, 1024, 256), captions[(s * 600 + i) % 2000], {}))
+            writer.write(TokenSample(f"{s}{i:05d}", rng.integers(0, num_tokens, grid**2), captions[(s * 600 + i) % 2000], {}))
         writer.commit()
         write_shard_record(folder, ShardRecord(f"{s:05d}.tar", "bench", 600, bytes=(folder / f"{s:05d}.tar").stat().st_size))
-    merge_manifest(folder, dict(vae_fingerprint=model_fingerprint(vae), image_size=128, grid_size=16, num_codes=1024,
-                                codes_dtype=dtype.str))
+    merge_manifest(folder, dict(vae_fingerprint=model_fingerprint(vae), image_size=image_size, grid_size=grid,
+                                num_codes=num_tokens, codes_dtype=dtype.str))
     train_tokenizer(captions, root / "tok.model", 1_000)
 
 

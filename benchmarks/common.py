@@ -62,13 +62,17 @@ def footer(start: dict) -> None:
 # ---- timing -------------------------------------------------------------------------------
 
 def timeit(fn, warmup: int = 2, repeats: int = 5) -> dict:
-    """Runs ``fn`` warmup + repeats times; seconds of the timed runs, median first."""
+    """Runs ``fn`` warmup + repeats times; seconds of the timed runs, median first (on CUDA each
+    run waits for the device)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
         fn()
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return {"median": statistics.median(times), "min": min(times), "times": times}
 
@@ -104,19 +108,19 @@ def seq_len(spec: dict) -> int:
     return spec["text_seq_len"] + grid(spec) ** 2
 
 
-def make_batch(spec: dict, seed: int = 0):
+def make_batch(spec: dict, seed: int = 0, device: str = "cpu"):
     """Identical inputs for both sides: captions (b, T) with no padding, codes (b, N)."""
     g = torch.Generator().manual_seed(seed)
     text = torch.randint(1, spec["num_text_tokens"], (spec["batch"], spec["text_seq_len"]), generator=g)
     codes = torch.randint(0, spec["num_image_tokens"], (spec["batch"], grid(spec) ** 2), generator=g)
-    return text, codes
+    return text.to(device), codes.to(device)
 
 
 def train_step_fn(model, text, codes, optimizer=None, autocast_dtype=None):
     """One step of ``model(text, codes, return_loss=True)``: forward, backward and, with an
     optimizer, its step. The same call works for DALLE of dalle_ds and of dalle-pytorch."""
     def step():
-        with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with torch.autocast(text.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             loss = model(text, codes, return_loss=True)
         loss.backward()
         if optimizer is not None:
@@ -181,12 +185,16 @@ def build_ours(spec: dict, **overrides):
 
 def run_peer(task: str, spec: dict, **options) -> dict:
     """Runs ``peer_worker.py`` in the peer venv (a fresh process) and returns its JSON result."""
-    if not PEER_PYTHON.exists():
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
+    python = PEER_PYTHON
+    if os.environ.get("DALLE_DS_PEER_PATH"):  # the peer installed into a folder (bench_gpu.sh), our python
+        python = Path(sys.executable)
+        env["PYTHONPATH"] = os.pathsep.join([os.environ["DALLE_DS_PEER_PATH"], env.get("PYTHONPATH", "")])
+    if not python.exists():
         sys.exit(f"The peer venv {PEER_PYTHON.parent.parent} is missing: run `bash benchmarks/setup_peer.sh` "
                  f"(creates it with dalle-pytorch 1.6.6) and rerun this benchmark.")
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
     request = json.dumps({"task": task, "spec": spec, **options})
-    proc = subprocess.run([str(PEER_PYTHON), str(PEER_WORKER), request], capture_output=True, text=True, env=env)
+    proc = subprocess.run([str(python), str(PEER_WORKER), request], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.exit(f"peer worker failed on {task}:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -37,27 +37,36 @@ def main(request: dict) -> dict:
     common.set_threads()
     spec, task = request["spec"], request["task"]
     timing = dict(warmup=request.get("warmup", 2), repeats=request.get("repeats", 5))
+    # "device" and "autocast" (a dtype name) for bench_gpu.py; CPU fp32 by default
+    device = request.get("device", "cpu")
+    autocast = getattr(torch, request["autocast"]) if request.get("autocast") else None
     if task in ("train_step", "fwd_bwd"):
-        model = build_peer(spec)
-        text, codes = common.make_batch(spec)
+        model = build_peer(spec).to(device)
+        text, codes = common.make_batch(spec, device=device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if task == "train_step" else None
-        return common.timeit(common.train_step_fn(model, text, codes, opt), **timing)
+        result = common.timeit(common.train_step_fn(model, text, codes, opt, autocast), **timing)
+        if device == "cuda":
+            result["peak_memory"] = torch.cuda.max_memory_allocated()
+        return result
     if task == "attention_only":
         heads, dim_head, n = request["heads"], request["dim_head"], common.seq_len(spec)
         attn = Attention(heads * dim_head, seq_len=n, causal=True, heads=heads, dim_head=dim_head)
         fn = common.attention_only_fn(attn, heads * dim_head, spec["batch"], n, lambda a, x: a(x))
         return common.timeit(fn, **timing)
     if task == "generate":
-        model = build_peer(spec).eval()
+        model = build_peer(spec).to(device).eval()
         model.vae.decode = lambda codes: codes  # time the token loop only, not the VAE decoder
         if request.get("engage_cache"):
             # 1.6.6's forward_with_cond_scale drops its `cache` argument when cond_scale == 1, so
             # generate_images(use_cache=True) recomputes the whole prefix at every step. This
             # passes the cache through, as its cond_scale != 1 branch does.
             model.forward_with_cond_scale = lambda *a, cond_scale=1, cache=None, **kw: model(*a, cache=cache, **kw)
-        text, _ = common.make_batch(spec)
-        return common.timeit(lambda: model.generate_images(text, filter_thres=request["filter_thres"], use_cache=True),
-                             **timing)
+        text, _ = common.make_batch(spec, device=device)
+
+        def generate():
+            with torch.autocast(device, dtype=autocast, enabled=autocast is not None):
+                model.generate_images(text, filter_thres=request["filter_thres"], use_cache=True)
+        return common.timeit(generate, **timing)
     raise ValueError(f"unknown task {task!r}")
 
 

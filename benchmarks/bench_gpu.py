@@ -1,0 +1,221 @@
+"""Issue 11's GPU figures on one CUDA device, ours against the peer (dalle-pytorch 1.6.6), in one run:
+
+- attention alone, fwd+bwd, bf16, q/k/v (2, 16, 4352, 64) [256 text + 64x64 image] and
+  (8, 16, 1280, 64) [256 text + 32x32]: each type's time against full attention's, and the
+  FlexAttention layout and tile fraction of each sparse type;
+- the train step (fwd + bwd + fused AdamW, bf16 autocast) at the 441M spec: tokens/s, MFU against
+  ``PEAK_FLOPS``, peak memory; the same with every layer full; the peer on both;
+- cached generation of 8 images at the 441M spec: image tokens/s, per-token latency, the peer;
+- ``train-dalle`` itself (DeepSpeed ZeRO-2 bf16, synthetic token shards): its ``metrics.jsonl``.
+
+Run: python benchmarks/bench_gpu.py [--out FILE.json] [--sections attention,train_step,generation,train_dalle]
+(on a machine without internet: ``benchmarks/bench_gpu.sh``, which installs the carried wheels).
+The peer runs where ``DALLE_DS_PEER_PATH`` (a folder it was installed into) or
+``benchmarks/.peer-venv`` has it; without either its rows are skipped.
+On a machine without CUDA it says so and exits 0; ``--smoke`` runs every section there at toy
+sizes instead (a check of this script, not a measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+import common
+
+PEAK_FLOPS = 989e12  # dense bf16 tensor-core FLOP/s of an H100 / H200 SXM
+SPEC = dict(dim=1024, depth=24, heads=16, dim_head=64, num_text_tokens=10000, text_seq_len=256, image_size=256,
+            vae_layers=3, num_image_tokens=8192, batch=8, attn_types=["full", "axial_row", "axial_col", "conv_like"])
+ATTENTION = [dict(batch=2, heads=16, text=256, grid=64, dim_head=64),
+             dict(batch=8, heads=16, text=256, grid=32, dim_head=64)]
+TIMING = dict(warmup=3, repeats=10)  # the warm-up includes FlexAttention's compiles
+SMOKE_SPEC = dict(SPEC, dim=64, depth=4, heads=2, dim_head=16, num_text_tokens=100, text_seq_len=8, image_size=32,
+                  num_image_tokens=64, batch=2)
+SMOKE_ATTENTION = [dict(batch=2, heads=2, text=8, grid=8, dim_head=16)]
+SMOKE_TIMING = dict(warmup=1, repeats=2)
+SECTIONS = ("attention", "train_step", "generation", "train_dalle")
+
+
+def attention(device, shapes, timing) -> list[dict]:
+    from dalle_ds.attention import flex
+    from dalle_ds.attention.kernels import attend
+    from dalle_ds.attention.patterns import ATTN_TYPES, SequenceLayout, build_pattern
+
+    rows = []
+    for shape in shapes:
+        layout = SequenceLayout(shape["text"] + 1, shape["grid"], shape["grid"])
+        n = layout.total_len - 1
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(shape["batch"], shape["heads"], n, shape["dim_head"], device=device, generator=g,
+                               dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        grad = torch.randn_like(q)
+        times = {}
+        for name in ATTN_TYPES:
+            pattern = build_pattern(name, layout)
+
+            def step():
+                attend(pattern, q, k, v).backward(grad)
+                q.grad = k.grad = v.grad = None
+            times[name] = common.timeit(step, **timing)["median"]
+            row = dict(shape=f"({shape['batch']}, {shape['heads']}, {n}, {shape['dim_head']})", type=name,
+                       ms=times[name] * 1e3, vs_full=times[name] / times["full"])
+            if pattern.sparse:
+                plan = flex.build_plan(pattern, n, device)
+                row.update(tile_fraction=plan.tile_fraction, layout=str(plan))
+            rows.append(row)
+    common.table(["q/k/v", "type", "ms fwd+bwd", "vs full", "tile fraction", "layout"],
+                 [[r["shape"], r["type"], r["ms"], r["vs_full"], r.get("tile_fraction", ""), r.get("layout", "")]
+                  for r in rows])
+    print(f"FlexAttention: {dict(flex.COUNTS)}")
+    return rows
+
+
+def train_step(device, spec, timing, peer: bool) -> list[dict]:
+    from dalle_ds.training.optim import OptimConfig, build_optimizer
+
+    tokens = spec["batch"] * common.seq_len(spec)
+    rows = []
+    for label, attn_types in (("cycled", spec["attn_types"]), ("all full", ["full"])):
+        run_spec = dict(spec, attn_types=attn_types)
+        model = common.build_ours(run_spec).to(device)
+        opt = build_optimizer(model, OptimConfig(lr=1e-4))
+        text, codes = common.make_batch(run_spec, device=device)
+        _reset_memory(device)
+        sec = common.timeit(common.train_step_fn(model, text, codes, opt, torch.bfloat16), **timing)["median"]
+        rows.append(dict(run=f"ours, {label}", ms=sec * 1e3, tokens_per_s=tokens / sec,
+                         mfu=common.model_flops(run_spec) / sec / PEAK_FLOPS, peak_gib=_peak_gib(device)))
+        del model, opt
+        _reset_memory(device)
+        if peer:
+            result = common.run_peer("train_step", run_spec, device=device, autocast="bfloat16", **timing)
+            rows.append(dict(run=f"peer, {label}", ms=result["median"] * 1e3, tokens_per_s=tokens / result["median"],
+                             peak_gib=result.get("peak_memory", 0) / 2**30))
+    common.table(["run", "ms/step", "tokens/s", "MFU", "peak GiB"],
+                 [[r["run"], r["ms"], r["tokens_per_s"], f"{100 * r['mfu']:.1f}%" if "mfu" in r else "", r["peak_gib"]]
+                  for r in rows])
+    for label in ("cycled", "all full"):
+        ours, theirs = (next((r for r in rows if r["run"] == f"{side}, {label}"), None) for side in ("ours", "peer"))
+        if theirs:
+            print(common.verdict(f"{label}: ours vs peer tokens/s", ours["tokens_per_s"] / theirs["tokens_per_s"], 5.0))
+        print(f"{label}: MFU {100 * ours['mfu']:.1f}% (target >= 45%)")
+    return rows
+
+
+def generation(device, spec, timing, peer: bool) -> list[dict]:
+    steps = common.grid(spec) ** 2
+    tokens = spec["batch"] * steps
+    model = common.build_ours(spec).to(device).eval()
+    text, _ = common.make_batch(spec, device=device)
+
+    def generate():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            model.generate_codes(text, filter_thres=0.9, use_cache=True, seed=0)
+    sec = common.timeit(generate, **dict(timing, repeats=3))["median"]
+    rows = [dict(run="ours generate_codes", s=sec, tokens_per_s=tokens / sec, ms_per_token=sec / steps * 1e3)]
+    del model
+    _reset_memory(device)
+    if peer:
+        result = common.run_peer("generate", spec, device=device, autocast="bfloat16", filter_thres=0.9,
+                                 engage_cache=True, **dict(timing, warmup=1, repeats=2))
+        rows.append(dict(run="peer, KV cache engaged", s=result["median"], tokens_per_s=tokens / result["median"],
+                         ms_per_token=result["median"] / steps * 1e3))
+    common.table(["run", "s/call", "image tokens/s", "ms/token step"],
+                 [[r["run"], r["s"], r["tokens_per_s"], r["ms_per_token"]] for r in rows])
+    if peer:
+        print(common.verdict("generation: ours vs peer", rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"], 5.0))
+    return rows
+
+
+def train_dalle(device, spec, smoke: bool) -> dict:
+    """A real train-dalle run (one process, DeepSpeed ZeRO-2 bf16) on synthetic token shards."""
+    from bench_train_dalle import prepare
+
+    steps, every = (4, 2) if smoke else (30, 10)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        prepare(root, image_size=spec["image_size"], num_layers=spec["vae_layers"], num_tokens=spec["num_image_tokens"])
+        args = ["--data", str(root / "tokens"), "--tokenizer", str(root / "tok.model"), "--vae", str(root / "vae"),
+                "--out", str(root / "run"), "train.deepspeed_config=ds_configs/zero2_bf16.json",
+                f"model.dim={spec['dim']}", f"model.depth={spec['depth']}", f"model.heads={spec['heads']}",
+                f"model.dim_head={spec['dim_head']}", f"model.text_seq_len={spec['text_seq_len']}",
+                f"model.attn_types={json.dumps(spec['attn_types'])}", f"train.micro_batch={spec['batch']}",
+                f"train.steps={steps}", f"logging.every_steps={every}", f"logging.peak_flops={PEAK_FLOPS}",
+                f"checkpoint.every_steps={10 * steps}", "logging.sample_every_steps=0", "data.num_workers=2"]
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        if device == "cpu":
+            env["DS_ACCELERATOR"] = "cpu"
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "dalle_ds.training.train_dalle", *args], env=env,
+                              capture_output=True, text=True, cwd=common.HERE.parent)
+        if proc.returncode:
+            raise RuntimeError(f"train-dalle failed:\n{proc.stderr[-4000:]}")
+        last = json.loads((root / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    last["wall_s"] = time.perf_counter() - start
+    print(f"train-dalle, {steps} steps, last interval: {last['perf/tokens_per_s']:,.0f} tokens/s, MFU "
+          f"{100 * last['perf/mfu']:.1f}% (of {PEAK_FLOPS / 1e12:.0f} TFLOP/s; target >= 45%), "
+          f"FlexAttention compiles {last.get('attention/flex_compiles')}, unfused calls "
+          f"{last.get('attention/unfused_calls')}; whole run {last['wall_s']:.0f} s")
+    return last
+
+
+def _reset_memory(device) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib(device) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+
+
+def _peer_available() -> bool:
+    return bool(os.environ.get("DALLE_DS_PEER_PATH")) or common.PEER_PYTHON.exists()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", help="write every figure to this JSON file")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes, on CPU where there is no CUDA")
+    args = parser.parse_args()
+    if not torch.cuda.is_available() and not args.smoke:
+        print("bench_gpu: no CUDA device here; these figures need one (--smoke checks the script on CPU)")
+        return
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    spec, shapes, timing = (SMOKE_SPEC, SMOKE_ATTENTION, SMOKE_TIMING) if args.smoke else (SPEC, ATTENTION, TIMING)
+    start = common.header(f"bench_gpu on {torch.cuda.get_device_name() if device == 'cuda' else 'CPU (smoke)'}")
+    peer = _peer_available()
+    print(f"spec {spec}\n{common.PEER_NOTE}" + ("" if peer else "\npeer not installed: its rows are skipped"))
+    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__}
+    runs = {"attention": lambda: attention(device, shapes, timing),
+            "train_step": lambda: train_step(device, spec, timing, peer),
+            "generation": lambda: generation(device, spec, timing, peer),
+            "train_dalle": lambda: train_dalle(device, spec, args.smoke)}
+    for section in args.sections.split(","):
+        print(f"\n-- {section}")
+        began = time.perf_counter()
+        try:
+            results[section] = runs[section]()
+        except (Exception, SystemExit):  # report, go on: one failing section must not cost the others' figures
+            traceback.print_exc()
+            results[section] = {"error": traceback.format_exc(limit=3)}
+        print(f"({section}: {time.perf_counter() - began:.0f} s)")
+        _reset_memory(device)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+    common.footer(start)
+
+
+if __name__ == "__main__":
+    main()
