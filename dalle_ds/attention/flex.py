@@ -32,7 +32,6 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from torch._dynamo.exc import FailOnRecompileLimitHit
 from torch.nn.attention import flex_attention as _flex
 
 from .patterns import AttentionPattern
@@ -70,7 +69,8 @@ class FlexPlan:
         """Triton tiles that divide the block size (the defaults for bf16, d=64 on sm90 are 128 x 128)."""
         if self.block_size >= 128:
             return {}
-        return {name: self.block_size for name in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")}
+        names = ("fwd_BLOCK_M", "fwd_BLOCK_N", "bwd_BLOCK_M1", "bwd_BLOCK_N1", "bwd_BLOCK_M2", "bwd_BLOCK_N2")
+        return dict.fromkeys(names, self.block_size)
 
     def attend(self, q, k, v, kernel=None):
         """q, k, v: (b, h, n, d) -> (b, h, n, d). ``kernel(q, k, v, block_mask, kernel_options)``
@@ -186,14 +186,24 @@ def compiled_flex(q, k, v, block_mask, kernel_options):
     for x in (q, k, v):
         torch._dynamo.maybe_mark_dynamic(x, 0)
         torch._dynamo.mark_static(x, 2)  # a second length is another model: never a dynamic one
+    limit, fail, limit_hit = _limit_names()
     try:
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+        # suppress_errors (which a user may set globally) may not be on together with fail
+        with torch._dynamo.config.patch({limit: RECOMPILE_LIMIT, fail: True, "suppress_errors": False}):
             return _compiled(q, k, v, block_mask=block_mask, kernel_options=kernel_options)
-    except FailOnRecompileLimitHit as e:
+    except limit_hit as e:
         raise RuntimeError(
             f"FlexAttention was compiled {RECOMPILE_LIMIT} times in this process (dalle_ds.attention.flex."
             f"RECOMPILE_LIMIT); running it uncompiled would materialise every score. More layouts, dtypes or "
             f"patterns than expected are in use: raise RECOMPILE_LIMIT if that is intended") from e
+
+
+def _limit_names():
+    """Dynamo's recompile-limit setting, its fail switch and the exception it raises (torch < 2.6:
+    the "cache" names)."""
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        return "recompile_limit", "fail_on_recompile_limit_hit", torch._dynamo.exc.FailOnRecompileLimitHit
+    return "cache_size_limit", "fail_on_cache_limit_hit", torch._dynamo.exc.FailOnCacheLimitHit
 
 
 def eager_flex(q, k, v, block_mask, kernel_options):
