@@ -220,7 +220,6 @@ class BlockSparsePattern(AttentionPattern):
             groups.append(GroupBucket(_pad_out_of_range(q_idx, n), _pad_out_of_range(k_idx, n), shared))
         return groups
 
-
     def flex_order(self):
         # The summary blocks first, then the rest, each in raster order. In raster order every
         # 128 positions hold a summary block, so every earlier tile would be visited; gathered
