@@ -73,6 +73,7 @@ def test_dalle_compiles_flex_once_per_pattern_whatever_batch_heads_or_mode(monke
     """The compiled path as CUDA runs it, inside DALLE (forward: FlexAttention has no CPU
     backward): every attention type, 3 batch sizes, 2 head counts, train and eval. Each sparse
     pattern compiles once, and the logits equal the gathered path's."""
+    torch._dynamo.reset()  # counted from a clean cache, whatever ran before
     monkeypatch.setattr(kernels, "FLEX_DEVICES", ("cpu",))
     vae = tiny_vae(image_size=64)  # a 16 x 16 grid: n = 262, several 64-blocks
     models = [tiny_dalle(vae, attn_types=ATTN_TYPES, depth=len(ATTN_TYPES), heads=heads, dim_head=16)
@@ -92,6 +93,24 @@ def test_dalle_compiles_flex_once_per_pattern_whatever_batch_heads_or_mode(monke
                 torch.testing.assert_close(fast, reference, atol=1e-4, rtol=1e-4)
     assert flex.COUNTS["compiles"] - compiles == len(SPARSE_TYPES)
     assert flex.COUNTS["unfused_calls"] == unfused
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward runs on CUDA")
+@pytest.mark.parametrize("attn_type", SPARSE_TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chosen_flex_layout_on_cuda_equals_dense_reference_forward_and_gradients(attn_type, dtype):
+    """The compiled kernel's own backward (CPU has none), at a layout of several blocks."""
+    layout = LAYOUTS[2]
+    pattern = build_pattern(attn_type, layout, **OPTIONS)
+    n = layout.total_len - 1
+    q, k, v = (x.detach().to("cuda", dtype).requires_grad_() for x in qkv(n, dim_head=64))
+    ref_inputs = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    out, ref = flex.pattern_attention(pattern, q, k, v), dense_reference_attention(pattern, *ref_inputs)
+    tolerance = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(out.float(), ref, **tolerance)
+    grad = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad.to(dtype)), torch.autograd.grad(ref, ref_inputs, grad)):
+        torch.testing.assert_close(a.float(), b, **tolerance)
 
 
 def test_flex_past_its_recompile_limit_is_an_error(monkeypatch):

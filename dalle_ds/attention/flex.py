@@ -21,7 +21,11 @@ prints each pattern's choice against full causal attention's tiles).
   compiles once per grad mode, however many layers or models use it;
 - the recompile limit is ``RECOMPILE_LIMIT`` for this function alone, and hitting it is an error
   (dynamo would otherwise run flex_attention unfused, materialising every score, with only a
-  warning).
+  warning);
+- on CUDA it compiles with inductor's ``max_autotune``: the backward's default Triton tiles (64 x
+  128 on sm90 at head dim 64) do not divide 64-blocks, and inductor drops every config that does
+  not before it applies ``kernel_options``; autotuning offers smaller tiles and times them (tens
+  of seconds more per compile, cached on disk by inductor).
 ``COUNTS`` holds the compiles and the calls that could not use this path (the trainer logs them).
 """
 
@@ -55,6 +59,7 @@ class FlexPlan:
     block_mask: _flex.BlockMask
     block_size: int
     slots: torch.Tensor | None  # (m,) position held by each slot; -1 = padding
+    gather: torch.Tensor | None  # (m,) the row each slot reads: padding reads position 0, masked out
     inverse: torch.Tensor | None  # (n,) slot of each position
     tile_fraction: float  # area of the visited tiles / that of full causal attention's (128 x 128)
     reordered: bool  # the image in the pattern's flex_order (else raster order)
@@ -66,7 +71,7 @@ class FlexPlan:
 
     @property
     def kernel_options(self) -> dict:
-        """Triton tiles that divide the block size (the defaults for bf16, d=64 on sm90 are 128 x 128)."""
+        """Triton tiles that divide the block size (forward; the backward's come from autotuning)."""
         if self.block_size >= 128:
             return {}
         names = ("fwd_BLOCK_M", "fwd_BLOCK_N", "bwd_BLOCK_M1", "bwd_BLOCK_N1", "bwd_BLOCK_M2", "bwd_BLOCK_N2")
@@ -76,9 +81,8 @@ class FlexPlan:
         """q, k, v: (b, h, n, d) -> (b, h, n, d). ``kernel(q, k, v, block_mask, kernel_options)``
         attends in slot order, (b*h, 1, m, d); by default the compiled flex_attention."""
         b, h = q.shape[:2]
-        if self.slots is not None:
-            index = self.slots.clamp(min=0)  # padding reads position 0: it is masked out
-            q, k, v = (x.index_select(2, index) for x in (q, k, v))
+        if self.gather is not None:
+            q, k, v = (x.index_select(2, self.gather) for x in (q, k, v))
         # Heads into the batch (see above), contiguous: dynamo guards on strides, and q, k, v are
         # strided views of one projection (gathered ones are contiguous already).
         q, k, v = (x.flatten(0, 1).contiguous().unsqueeze(1) for x in (q, k, v))
@@ -113,19 +117,19 @@ def candidate_plans(pattern: AttentionPattern, n: int, device) -> list[FlexPlan]
                     continue  # the text fills whole blocks: the same as unpadded
                 padding = (-pattern.layout.text_len) % block if pad_text else 0
                 slots = _slots(pattern, n, image_order, padding)
-                mask = _block_mask(pattern, slots, n, block, device)
-                plans.append(FlexPlan(mask, block, *_gathers(slots, n, device), _area(mask) / causal,
-                                      image_order is not None, padding))
+                gathers = _gathers(slots, n, device)
+                mask = _block_mask(pattern, gathers[0], n, block, device)
+                plans.append(FlexPlan(mask, block, *gathers, _area(mask) / causal, image_order is not None, padding))
     return plans
 
 
 def _gathers(slots, n: int, device):
-    """(slots, inverse) on the device; (None, None) for the raster layout."""
+    """(slots, gather, inverse) on the device; all None for the raster layout."""
     if slots is None:
-        return None, None
+        return None, None, None
     slots = slots.to(device)
     real = (slots >= 0).nonzero().squeeze(1)
-    return slots, torch.empty(n, dtype=torch.long, device=device).index_copy_(0, slots[real], real)
+    return slots, slots.clamp(min=0), torch.empty(n, dtype=torch.long, device=device).index_copy_(0, slots[real], real)
 
 
 def _slots(pattern: AttentionPattern, n: int, image_order, padding: int):
@@ -145,10 +149,8 @@ def _block_mask(pattern: AttentionPattern, slots, n: int, block: int, device) ->
             return pattern.allowed(q, k)
         m = n
     else:
-        table = slots.to(device)
-
         def mask_mod(b, h, q, k):
-            q_pos, k_pos = table[q], table[k]
+            q_pos, k_pos = slots[q], slots[k]
             real = (q_pos >= 0) & (k_pos >= 0)
             # a padding query sees only itself, so that no row is empty; its output is dropped
             return (real & pattern.allowed(q_pos.clamp(min=0), k_pos.clamp(min=0))) | ((q_pos < 0) & (q == k))
@@ -170,10 +172,12 @@ def _area(block_mask: _flex.BlockMask) -> int:
 
 
 def _counting_inductor(graph, example_inputs):
+    """Inductor, counting its compiles; autotuned on CUDA (see the module's docstring)."""
     COUNTS["compiles"] += 1
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(graph, example_inputs)
+    on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
+    return compile_fx(graph, example_inputs, config_patches={"max_autotune": True} if on_cuda else None)
 
 
 _compiled = torch.compile(_flex.flex_attention, backend=_counting_inductor, dynamic=None, fullgraph=True)
@@ -188,8 +192,11 @@ def compiled_flex(q, k, v, block_mask, kernel_options):
         torch._dynamo.mark_static(x, 2)  # a second length is another model: never a dynamic one
     limit, fail, limit_hit = _limit_names()
     try:
-        # suppress_errors (which a user may set globally) may not be on together with fail
-        with torch._dynamo.config.patch({limit: RECOMPILE_LIMIT, fail: True, "suppress_errors": False}):
+        # Explicit for this call, whatever the process sets: the limit, failing at it (suppress_errors
+        # may not be on with that), and no automatic dynamic shapes (a second layout would make the
+        # block mask's sizes dynamic, as maybe_mark_dynamic does the batch on purpose).
+        patch = {limit: RECOMPILE_LIMIT, fail: True, "suppress_errors": False, "automatic_dynamic_shapes": False}
+        with torch._dynamo.config.patch(patch):
             return _compiled(q, k, v, block_mask=block_mask, kernel_options=kernel_options)
     except limit_hit as e:
         raise RuntimeError(
