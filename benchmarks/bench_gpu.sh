@@ -15,9 +15,8 @@ if [[ "${1:-}" == --fetch ]]; then
     rm -rf "$wheels" && mkdir -p "$wheels/ours" "$wheels/peer"
     .venv/bin/pip wheel --quiet --no-deps --no-build-isolation deepspeed==0.19.8 -w "$wheels/ours"
     .venv/bin/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
-        --platform manylinux2014_x86_64 pydantic-core==2.41.5 -d "$wheels/ours"
-    .venv/bin/pip download --quiet --no-deps hjson pydantic==2.12.5 annotated-types typing-inspection \
-        webdataset braceexpand -d "$wheels/ours"
+        --platform manylinux2014_x86_64 pydantic-core==2.41.5 pydantic==2.12.5 hjson annotated-types \
+        typing-inspection webdataset braceexpand tqdm psutil py-cpuinfo msgpack -d "$wheels/ours"
     # the peer: what dalle_pytorch imports when it loads (peer_worker.py stubs omegaconf and taming)
     .venv/bin/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
         --platform manylinux2014_x86_64 dalle-pytorch==1.6.6 axial-positional-embedding rotary-embedding-torch \
