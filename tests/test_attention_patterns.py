@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from dalle_ds.attention import native
+from dalle_ds.attention import kernels, native
 from dalle_ds.attention.kernels import (attend, decode_attention, dense_reference_attention,
                                         gathered_attention)
 from dalle_ds.attention.patterns import ATTN_TYPES, AxialRowPattern, GroupBucket, SequenceLayout, build_pattern
@@ -77,7 +77,7 @@ def qkv(n, requires_grad=True, dtype=torch.float32, seed=0):
 
 
 @pytest.mark.parametrize("fused", CPU_PATHS)
-@pytest.mark.parametrize("attn_type", [t for t in ATTN_TYPES if t != "full"])
+@pytest.mark.parametrize("attn_type", ATTN_TYPES)
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_gathered_cpu_path_equals_dense_reference(attn_type, case, fused):
     require_kernel(fused)
@@ -92,7 +92,7 @@ def test_gathered_cpu_path_equals_dense_reference(attn_type, case, fused):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("attn_type", [t for t in ATTN_TYPES if t != "full"])
+@pytest.mark.parametrize("attn_type", ATTN_TYPES)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 def test_gathered_backward_passes_gradcheck(attn_type, dropout_p):
     """The batched path's hand-written backward against finite differences, in float64 (which the
@@ -112,7 +112,7 @@ def test_gathered_backward_passes_gradcheck(attn_type, dropout_p):
 
 
 @pytest.mark.parametrize("fused", CPU_PATHS)
-@pytest.mark.parametrize("attn_type", [t for t in ATTN_TYPES if t != "full"])
+@pytest.mark.parametrize("attn_type", ATTN_TYPES)
 def test_gathered_path_in_bf16_follows_the_fp32_reference(attn_type, fused):
     """bf16 inputs stay bf16 (outputs and gradients), within bf16's precision of fp32."""
     require_kernel(fused)
@@ -146,6 +146,22 @@ def test_cpu_path_runs_the_fused_kernel_where_it_can():
     assert "Fused" not in runs(torch.float64) and "Fused" not in runs(torch.float32, dropout_p=0.1)
     with pytest.raises(ValueError, match="fused=True needs .* without dropout"):
         gathered_attention(pattern, *qkv(layout.total_len), dropout_p=0.1, fused=True)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the fused kernel")
+def test_full_attention_on_cpu_runs_the_kernel_up_to_its_length(monkeypatch):
+    """Where the kernel is faster (short sequences) it computes full attention too, exactly;
+    longer sequences and dropout go to SDPA."""
+    require_kernel(True)
+    layout = CASES[1][0]
+    pattern = build_pattern("full", layout)
+    q, k, v = qkv(layout.total_len - 1)
+    out = attend(pattern, q, k, v)
+    assert "Fused" in out.grad_fn.name()
+    torch.testing.assert_close(out, dense_reference_attention(pattern, q, k, v), atol=1e-5, rtol=1e-5)
+    assert "Fused" not in attend(pattern, q, k, v, dropout_p=0.1).grad_fn.name()
+    monkeypatch.setattr(kernels, "FULL_KERNEL_MAX_LEN", layout.total_len - 2)
+    assert "Fused" not in attend(pattern, q, k, v).grad_fn.name()
 
 
 @pytest.mark.parametrize("fused", CPU_PATHS)

@@ -5,7 +5,8 @@ bucket, q queries per group, s keys per group, a keys every query of the bucket 
 against (its shared keys).
 
 Paths, chosen automatically by ``attend``:
-- full pattern: fused causal SDPA (flash kernel on CPU and CUDA);
+- full pattern: fused causal SDPA (flash kernel on CPU and CUDA), except on CPU up to
+  ``FULL_KERNEL_MAX_LEN`` positions, where the fused C++ kernel (``native.py``) runs it faster;
 - sparse pattern, CUDA, training length, no dropout, head dim >= 16: FlexAttention with a block
   mask, compiled (``flex.py``); a training-length call on CUDA that cannot take it is counted and
   warned about once per cause;
@@ -24,6 +25,11 @@ from torch.autograd.function import once_differentiable
 from . import flex, native
 from .patterns import AttentionPattern
 
+# Full attention runs the fused CPU kernel (blockwise: FullPattern.groups) up to this many positions:
+# fwd+bwd against torch's CPU flash SDPA (benchmarks/bench_attention.py's shapes, 2 threads) it
+# took 0.5x the time at 320 positions (head dim 32), 0.65-0.8x at 1088-1280, about the same at
+# 2192, 1.03-1.25x at 4352.
+FULL_KERNEL_MAX_LEN = 1536
 # Devices where a sparse layer at the training length runs FlexAttention (``flex.py``). CPU has
 # no FlexAttention backward; the tests add it to run the compiled forward there.
 FLEX_DEVICES = ("cuda",)
@@ -269,7 +275,7 @@ class _FusedGroupedAttention(torch.autograd.Function):
 
 
 def gathered_attention(pattern: AttentionPattern, q, k, v, dropout_p: float = 0.0, fused: bool | None = None):
-    """Exact attention for a sparse pattern over a prefix of the sequence (n <= total_len).
+    """Exact attention for a pattern with key groups over a prefix of the sequence (n <= total_len).
 
     Queries are gathered into their pattern's groups; each group scores its queries against the
     text and its bucket's shared image keys and against the group's own keys under its mask, in
@@ -316,6 +322,8 @@ def attend(pattern: AttentionPattern, q, k, v, *, start: int = 0, dropout_p: flo
     if start > 0:
         return decode_attention(pattern, q, k, v, start)
     if not pattern.sparse:
+        if q.shape[2] <= FULL_KERNEL_MAX_LEN and native.usable(q, dropout_p):
+            return gathered_attention(pattern, q, k, v, fused=True)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
     # Flex only at the training length: each new length would recompile it (prompts vary).
     if q.device.type in FLEX_DEVICES and q.shape[2] == pattern.layout.total_len - 1:
