@@ -12,6 +12,8 @@ einops legend: b batch, n sequence, v vocabulary.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -96,6 +98,7 @@ class DALLE(PretrainedMixin, nn.Module):
                        sparse_local_blocks=sparse_local_blocks, sparse_stride=sparse_stride)
         shared = {name: build_pattern(name, self.layout, **options) for name in dict.fromkeys(attn_types)}
         self.patterns = [shared[attn_types[i % len(attn_types)]] for i in range(depth)]
+        self._attends = {name: partial(attend, pattern) for name, pattern in shared.items()}
 
         num_text_total = num_text_tokens + text_seq_len  # + a distinct pad id per position
         self.text_emb = nn.Embedding(num_text_total, dim)
@@ -174,9 +177,11 @@ class DALLE(PretrainedMixin, nn.Module):
         start = cache.length if cache is not None else 0
 
         def attend_fn(layer):
+            if cache is None:  # one function per pattern, not per layer (what torch.compile would guard on)
+                return self._attends[self.patterns[layer].name]
+
             def fn(q, k, v, dropout_p):
-                if cache is not None:
-                    k, v = cache.append(layer, k, v)
+                k, v = cache.append(layer, k, v)
                 return attend(self.patterns[layer], q, k, v, start=start, dropout_p=dropout_p)
             return fn
 

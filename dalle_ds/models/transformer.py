@@ -76,7 +76,8 @@ class _GEGLU(torch.autograd.Function):
 
 class Block(nn.Module):
     """Attention and feed-forward branches, each pre-normed and, with sandwich norm (CogView),
-    post-normed too. The residual additions live in ``Transformer`` (plain or reversible)."""
+    post-normed too. ``forward`` is the plain residual layer; the reversible stack couples the
+    branches itself."""
 
     def __init__(self, dim, heads, dim_head, ff_mult, attn_dropout, ff_dropout, sandwich_norm):
         super().__init__()
@@ -91,6 +92,10 @@ class Block(nn.Module):
 
     def ff_branch(self, x):
         return self.ff_post_norm(self.ff(self.ff_norm(x)))
+
+    def forward(self, x, attend: AttendFn):
+        x = x + self.attn_branch(x, attend)
+        return x + self.ff_branch(x)
 
 
 class Transformer(nn.Module):
@@ -124,12 +129,7 @@ class Transformer(nn.Module):
             return reversible_sequence(x, layers, self.reversible_memory_efficient)
         for blk, attend in zip(self.blocks, attends):
             if self.checkpoint_activations and torch.is_grad_enabled():
-                x = checkpoint(_residual_block, blk, attend, x, use_reentrant=False)
+                x = checkpoint(blk, x, attend, use_reentrant=False)
             else:
-                x = _residual_block(blk, attend, x)
+                x = blk(x, attend)
         return x
-
-
-def _residual_block(blk: Block, attend: AttendFn, x: torch.Tensor) -> torch.Tensor:
-    x = x + blk.attn_branch(x, attend)
-    return x + blk.ff_branch(x)
