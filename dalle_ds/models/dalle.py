@@ -284,7 +284,9 @@ class DALLE(PretrainedMixin, nn.Module):
         top_p: nucleus sampling; temperature 0: greedy. cond_scale != 1: classifier-free
         guidance (train with null_cond_prob > 0). img (pixels or codes) primes the first
         num_init_img_tokens codes (default 43.75%, as DALLE-pytorch). seed: reproducible.
-        With ``clip``, returns (images, scores) sorted by CLIP score, best first.
+        With ``clip``, returns (images, scores): image i for caption i, as without it, and
+        scores[i] its CLIP score against caption i (rank them with ``scores.argsort``; ``dalle-ds
+        generate`` keeps the best).
         """
         codes = self.generate_codes(text, mask=mask, filter_thres=filter_thres, temperature=temperature,
                                     top_p=top_p, cond_scale=cond_scale, img=img,
@@ -292,6 +294,4 @@ class DALLE(PretrainedMixin, nn.Module):
         images = self.vae.decode(codes)
         if clip is None:
             return images
-        scores = clip(text, images, text_mask=mask)
-        order = scores.argsort(descending=True)
-        return images[order], scores[order]
+        return images, clip(text, images, text_mask=mask)
