@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -275,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dalle-ds", description="Train DALL-E at scale.")
     # the deepspeed launcher passes --local_rank=N; the rank is read from the environment instead
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also DALLE_DS_DEBUG=1); anywhere on the line")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_prep_folder, _add_train_tokenizer, _add_pretokenize, _add_decode_check, _add_trainers,
                 _add_export, _add_generate, _add_eval, _add_demo):
@@ -285,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    debug = args.debug or "--debug" in extra or os.environ.get("DALLE_DS_DEBUG", "") not in ("", "0")
+    extra = [item for item in extra if item != "--debug"]  # after the command, argparse leaves it over
     # key=value overrides may stand anywhere, also between flags, where argparse leaves them over
     if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
         args.overrides += extra
@@ -295,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         if summary:
             print(summary)
     except (ValueError, OSError) as error:  # user mistakes and unusable files: one line, no traceback
-        print(f"dalle-ds {args.command}: error: {error}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"dalle-ds {args.command}: error: {error} (--debug shows the traceback)", file=sys.stderr)
         return 2
     return 0
 

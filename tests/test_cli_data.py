@@ -64,6 +64,19 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv, message):
     assert len(err.splitlines()) == 1 and message in err
 
 
+@pytest.mark.parametrize("how", ["--debug first", "--debug last", "DALLE_DS_DEBUG=1"])
+def test_debug_shows_the_error_with_its_traceback(tmp_path, monkeypatch, how):
+    """The one-line message hides the traceback, which an internal bug needs: --debug (before or
+    after the command) or DALLE_DS_DEBUG=1 raises the error itself."""
+    argv = ["prep-folder", "--src", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]
+    if how == "DALLE_DS_DEBUG=1":
+        monkeypatch.setenv("DALLE_DS_DEBUG", "1")
+    else:
+        argv = ["--debug", *argv] if how == "--debug first" else [*argv, "--debug"]
+    with pytest.raises(ValueError, match="is not a folder"):
+        main(argv)
+
+
 def test_console_script_and_data_prep_entry_points_run():
     console_script = Path(sys.executable).parent / "dalle-ds"
     data_prep = Path(__file__).resolve().parents[1] / "data_prep" / "pretokenize.py"
