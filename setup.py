@@ -21,6 +21,7 @@ setup(
         "safetensors>=0.4,<1",
         "sentencepiece>=0.2,<0.3",
         "webdataset>=0.2.90,<2",
+        "braceexpand>=0.1.7,<0.2",  # shard patterns (data/shards.py); webdataset uses it too, but we import it
         "tensorboard>=2.15,<3",
         "pillow>=10,<13",
         "numpy>=1.24,<3",
