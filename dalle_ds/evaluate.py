@@ -98,7 +98,7 @@ def eval_generations(folder, clip: tuple[CLIP, CaptionTokenizer] | None = None) 
         for prompt, paths in by_prompt.items():  # each caption embedded once, its images in one batch
             text = tokenizer.encode([prompt], model.text_seq_len)
             images = torch.cat([_load(path, model.image_size) for path in paths])
-            scores += (100 * model.caption_similarity(text.ids, images, text.mask)).tolist()
+            scores += model.clip_score(text.ids, images, text.mask).tolist()
         result["clip_score"] = float(np.mean(scores))
     result.update(_attribute_accuracy(generated))
     return result

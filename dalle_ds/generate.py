@@ -2,7 +2,7 @@
 
 For each prompt, ``num_images`` samples in batches (batch k seeded ``seed + k``, so any image can
 be made again), ranked by CLIP when one is given, the best ``keep`` kept. Written per prompt:
-``{slug}/{rank:03d}.png`` with a JSON sidecar (prompt, seed, settings, CLIP score, rank), and
+``{slug}/{rank:03d}.png`` with a JSON sidecar (prompt, seed, settings, CLIP score: 100 x cosine, rank), and
 ``{slug}.png``, a captioned grid of the kept images, best first.
 """
 
@@ -94,7 +94,7 @@ def _sample(dalle: DALLE, tokenizer: CaptionTokenizer, prompt: str, settings: Ge
 def _clip_scores(clip: tuple[CLIP, CaptionTokenizer], prompt: str, images: torch.Tensor) -> list[float]:
     model, tokenizer = clip
     text = tokenizer.encode([prompt], model.text_seq_len)
-    return (model.caption_similarity(text.ids, images, text.mask) * model.temperature.exp()).tolist()
+    return model.clip_score(text.ids, images, text.mask).tolist()
 
 
 def _write(out: Path, index: int, prompt: str, ranked, settings: GenerateSettings) -> Generated:

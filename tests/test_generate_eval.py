@@ -52,6 +52,14 @@ def test_generate_writes_images_sidecars_and_grids_reproducibly(models, tmp_path
     assert sidecars[0]["settings"]["num_images"] == 3
     assert Image.open(folder / "000.png").size == (16, 16)
 
+    # one CLIP score: eval's mean over what generate wrote is the mean of its sidecars' scores
+    # (eval reads the 8-bit PNGs, generate scored the images before they were rounded)
+    assert main(["eval", "--out", str(tmp_path / "eval.json"), "--generations", str(tmp_path / "a"),
+                 "--clip", str(models / "clip")]) == 0
+    every = [json.loads(p.read_text())["clip_score"] for p in (tmp_path / "a").glob("*/*.json")]
+    evaluated = json.loads((tmp_path / "eval.json").read_text())["generations"]["clip_score"]
+    assert evaluated == pytest.approx(np.mean(every), abs=0.5)
+
     assert generate(models, tmp_path / "b", "--seed", "5", "--clip", str(models / "clip")) == 0
     again = next(p for p in sorted((tmp_path / "b").glob("000-*")) if p.is_dir())
     pngs = [sorted(f.glob("*.png")) for f in (folder, again)]

@@ -109,13 +109,16 @@ class CLIP(PretrainedMixin, nn.Module):
         x = self.visual_norm(self.visual_transformer(x, [attend] * len(self.visual_transformer.blocks)))
         return F.normalize(self.to_visual_latent(x.mean(dim=1)), dim=-1)
 
-    def caption_similarity(self, text, images, text_mask=None) -> torch.Tensor:
-        """Cosine similarity (b,) of one caption (1, n) with each of the images (b, c, H, W): the
-        caption is embedded once, not once per image."""
-        return self.embed_image(images) @ self.embed_text(text, text_mask)[0]
+    def clip_score(self, text, images, text_mask=None) -> torch.Tensor:
+        """CLIPScore (b,): 100 x the cosine similarity of one caption (1, n) with each of the
+        images (b, c, H, W), the caption embedded once. Unlike ``forward``'s similarity (scaled
+        by the learnt temperature, DALLE-pytorch's), it is comparable across models; ``generate``
+        ranks and ``eval`` averages it."""
+        return 100 * (self.embed_image(images) @ self.embed_text(text, text_mask)[0])
 
     def forward(self, text, image, text_mask=None, return_loss=False):
-        """Per-pair similarity (b,) or, with ``return_loss``, the symmetric contrastive loss."""
+        """Per-pair similarity (b,): the cosine scaled by the learnt temperature, as in
+        DALLE-pytorch; or, with ``return_loss``, the symmetric contrastive loss."""
         text_latents = self.embed_text(text, text_mask)
         image_latents = self.embed_image(image)
         if text_latents.shape[0] != image_latents.shape[0]:

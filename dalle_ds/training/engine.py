@@ -1,4 +1,7 @@
-"""The DeepSpeed engine around a plain model: the only place training meets DeepSpeed.
+"""The DeepSpeed engine around a plain model: the process group, the engine, and gathering its
+weights. Elsewhere DeepSpeed is used only as a library of tools: optim.py takes its CPU Adam
+for ZeRO-Offload, export.py its consolidation of ZeRO checkpoints, and checkpoint.py calls the
+engine's own save and load.
 
 ds_configs/*.json hold engine settings only (ZeRO stage, precision, offload); batch sizes,
 gradient clipping and the optimizer come from the run config and are merged in here, so one
@@ -7,6 +10,7 @@ number never lives in two files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -87,3 +91,13 @@ def build_engine(model: nn.Module, engine_settings: dict, batch: BatchLayout, op
     scheduler = build_scheduler(optimizer, optim)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     return engine, scheduler
+
+
+@contextlib.contextmanager
+def whole_weights(engine, model: nn.Module):
+    """Every parameter whole on every rank while inside: ZeRO-3 keeps a slice per rank, so every
+    rank must enter (a no-op at other stages)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=engine.zero_optimization_stage() == 3):
+        yield

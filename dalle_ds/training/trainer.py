@@ -25,7 +25,7 @@ from ..config import batch_layout, load_config, to_dict, write_resolved
 from ..data.stream import ShardStream, StreamConfig
 from ..distributed import dist_env
 from . import checkpoint
-from .engine import build_engine, init_distributed, load_ds_config
+from .engine import build_engine, init_distributed, load_ds_config, whole_weights
 from .export import write_model_config
 from .metrics import MetricsWriter, Throughput, measure_peak_flops
 from .optim import OptimConfig
@@ -276,12 +276,9 @@ class Trainer:
         """Eval mode, no gradients and whole weights for work outside the engine's forward
         (generation, decoding, retrieval): ZeRO-3 keeps a slice per rank, so every rank must take
         part; the gathering is a no-op at other stages."""
-        import deepspeed
-
         self.engine.eval()
         try:
-            with torch.no_grad(), deepspeed.zero.GatheredParameters(
-                    list(self.model.parameters()), enabled=self.engine.zero_optimization_stage() == 3):
+            with torch.no_grad(), whole_weights(self.engine, self.model):
                 yield
         finally:
             self.engine.train()

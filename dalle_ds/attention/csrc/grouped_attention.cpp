@@ -1,4 +1,5 @@
-// Fused CPU kernel for the grouped attention of kernels.py (the sparse patterns' CPU path).
+// Fused CPU kernel for the grouped attention of kernels.py (on CPU: the sparse patterns, and full
+// attention at short lengths).
 //
 // One call runs a whole GroupPlan: per chunk of a bucket, g groups, each of lq queries scored
 // against the bucket's a shared keys (unmasked) and the group's ls own keys (under `bias`), in
