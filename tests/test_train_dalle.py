@@ -79,7 +79,7 @@ def test_single_process_trains_resumes_exactly_and_logs(inputs, tmp_path):
     assert {"loss/total", "loss/text", "loss/image", "train/lr", "train/grad_norm", "perf/tokens_per_s",
             "perf/samples_per_s", "perf/tokens_per_s_per_device", "perf/samples_per_s_per_device",
             "perf/data_wait_share",
-            "train/skipped_steps", "perf/mfu"} <= tags
+            "train/skipped_micro_batches", "perf/mfu"} <= tags
     assert [e.step for e in events.Scalars("loss/total")] == list(range(1, 9))
     assert [image.step for image in events.Images("samples")] == [8]  # generated for the data's first captions
     assert events.Scalars("loss/total")[-1].value == pytest.approx(straight[8], rel=1e-6)

@@ -177,7 +177,7 @@ def test_a_non_finite_gradient_with_a_finite_loss_skips_the_step(inputs, tmp_pat
     argv = command("train-vae", inputs, tmp_path / "run", "train.steps=6")
     result = json.loads(run([sys.executable, "-c", POISONED, "train-vae", *argv[3:]]).splitlines()[-1])
     assert result == {"skipped": 1, "finite": True}
-    assert rows(tmp_path / "run", "train/overflow_skipped_steps")[6] == 1
+    assert rows(tmp_path / "run", "train/skipped_optimizer_steps")[6] == 1
 
 
 def test_non_finite_gradients_step_after_step_stop_the_run(inputs, tmp_path):

@@ -44,7 +44,9 @@ class ShardList:
 
 
 @dataclass
-class Source:
+class WeightedShardList:
+    """The shards of one ``pattern::weight`` source, before they are counted (sources.py)."""
+
     paths: list[str]
     weight: float  # relative sampling weight (random.choices normalises them)
     missing: list[str] = field(default_factory=list)
@@ -65,7 +67,7 @@ def expand_shards(spec: Spec) -> ShardList:
     return result
 
 
-def parse_sources(spec: str) -> list[Source]:
+def parse_sources(spec: str) -> list[WeightedShardList]:
     """Weighted sources from ``pattern[::weight],...``; the weight defaults to 1.0."""
     sources = []
     for part in _patterns(spec):
@@ -75,7 +77,7 @@ def parse_sources(spec: str) -> list[Source]:
         if not pattern.strip():
             raise ValueError(f"source {part!r} has a weight but no shard pattern")
         found = _expand_pattern(pattern.strip())
-        sources.append(Source(found.paths, _parse_weight(weight_text, part), found.missing))
+        sources.append(WeightedShardList(found.paths, _parse_weight(weight_text, part), found.missing))
     return sources
 
 

@@ -19,12 +19,14 @@ from .tar_reader import count_samples
 
 
 @dataclass
-class ShardSource:
+class CountedSource:
+    """A weighted source whose shards carry their sample counts: what the stream plans with."""
+
     shards: list[tuple[str, int]]  # (path, samples)
-    weight: float
+    weight: float  # relative sampling weight
 
 
-def load_token_sources(data: str, vae_fingerprint: str | None) -> tuple[list[ShardSource], Manifest]:
+def load_token_sources(data: str, vae_fingerprint: str | None) -> tuple[list[CountedSource], Manifest]:
     """Token-shard folders (``a`` or ``a::0.7,b::0.3``) -> sources with their manifests' counts;
     all folders must come from one dVAE: the model's, when its fingerprint is given."""
     manifests: dict[Path, Manifest] = {}
@@ -40,7 +42,7 @@ def load_token_sources(data: str, vae_fingerprint: str | None) -> tuple[list[Sha
                 shards.append((str(path), record.samples))
         if not shards:
             raise ValueError(f"source {source.paths[0] if source.paths else data!r} holds no token samples")
-        sources.append(ShardSource(shards, source.weight))
+        sources.append(CountedSource(shards, source.weight))
     expected = vae_fingerprint or next(iter(manifests.values())).vae_fingerprint
     whose = "this model's VAE" if vae_fingerprint else "the other token shards"
     for folder, manifest in manifests.items():
@@ -48,7 +50,7 @@ def load_token_sources(data: str, vae_fingerprint: str | None) -> tuple[list[Sha
     return sources, next(iter(manifests.values()))
 
 
-def load_raw_sources(data: str, resampled: bool) -> list[ShardSource]:
+def load_raw_sources(data: str, resampled: bool) -> list[CountedSource]:
     """Raw image-text shard patterns (``shards/{00000..00099}.tar`` or weighted
     ``a/*.tar::0.7,b/*.tar::0.3``) -> sources with counted shards."""
     sources = []
@@ -62,7 +64,7 @@ def load_raw_sources(data: str, resampled: bool) -> list[ShardSource]:
         shards = [(p, n) for p, n in shards if n > 0]
         if not shards:
             raise ValueError(f"source {source.paths[0] if source.paths else data!r} holds no image samples")
-        sources.append(ShardSource(shards, source.weight))
+        sources.append(CountedSource(shards, source.weight))
     return sources
 
 

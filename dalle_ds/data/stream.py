@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import Rejected
 from .images import decode_image
-from .sources import ShardSource, load_raw_sources, load_token_sources
+from .sources import CountedSource, load_raw_sources, load_token_sources
 from .tar_reader import RawSample, RejectCounts, caption_of, image_of, iter_shard
 from .token_shards import decode_codes
 from .tokenizer import CaptionTokenizer
@@ -115,7 +115,7 @@ class _ShardSampler:
     """An endless, seeded sequence of shards drawn with replacement: a source by weight, then a
     shard of it in proportion to its samples."""
 
-    def __init__(self, sources: list[ShardSource], seed: str):
+    def __init__(self, sources: list[CountedSource], seed: str):
         self.sources, self.seed = sources, seed
 
     def __iter__(self):
@@ -126,7 +126,7 @@ class _ShardSampler:
             yield rng.choices([p for p, _ in source.shards], [n for _, n in source.shards])[0]
 
 
-def _epoch_plans(sources: list[ShardSource], config: StreamConfig, epoch: int, rank: int, world: int,
+def _epoch_plans(sources: list[CountedSource], config: StreamConfig, epoch: int, rank: int, world: int,
                  workers: int) -> tuple[list[_WorkerPlan], int]:
     """This rank's logical workers' plans for ``epoch``, and the epoch length in batches: the
     same on every rank (in finite mode the smallest rank's)."""
@@ -263,7 +263,7 @@ class ShardStream:
     by ``format`` and, with a tokenizer, its caption tokenized. ``state_dict()`` /
     ``load_state_dict()`` resume it exactly."""
 
-    def __init__(self, sources: list[ShardSource], format: Codes | Pixels, config: StreamConfig | None,
+    def __init__(self, sources: list[CountedSource], format: Codes | Pixels, config: StreamConfig | None,
                  tokenizer_path=None, text_seq_len: int = 0, *, rank: int = 0, world_size: int = 1):
         self.sources, self.format = sources, format
         self.tokenizer_path = str(tokenizer_path) if tokenizer_path else None

@@ -78,7 +78,7 @@ class RunConfig:
 class Progress:
     step: int = 0  # optimizer steps done
     samples: int = 0  # samples seen, all ranks
-    skipped_steps: int = 0  # micro-batches dropped for a non-finite loss
+    skipped_micro_batches: int = 0  # micro-batches dropped for a non-finite loss
 
 
 def stream_config(config) -> StreamConfig:
@@ -171,7 +171,10 @@ class Trainer:
         if loaded is None:
             return
         client, stream_state = loaded
-        self.progress = Progress(**client["progress"])
+        progress = dict(client["progress"])
+        if "skipped_steps" in progress:  # checkpoints written before the field said its unit
+            progress["skipped_micro_batches"] = progress.pop("skipped_steps")
+        self.progress = Progress(**progress)
         self.stream.load_state_dict(stream_state)
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -212,7 +215,7 @@ class Trainer:
             data_wait = time.perf_counter() - waited
             losses = self.losses(batch)
             if not self._finite_everywhere(losses[0]):
-                self.progress.skipped_steps += 1
+                self.progress.skipped_micro_batches += 1
                 bad.losses += 1
                 self._stop_after(bad.losses, "non-finite losses")
                 continue
@@ -250,7 +253,7 @@ class Trainer:
         dist.all_reduce(losses)  # the mean over ranks, not rank 0's batch alone
         logs.update(zip(self.loss_names, (losses / self.env.world_size).tolist()))
         norm = self.engine.get_global_grad_norm()
-        logs.update({"train/skipped_steps": self.progress.skipped_steps,
+        logs.update({"train/skipped_micro_batches": self.progress.skipped_micro_batches,
                      "train/samples": self.progress.samples,
                      **throughput.read(self.env.world_size, self.flops_per_token, self.peak_flops)})
         if norm is not None and math.isfinite(float(norm)):
@@ -260,7 +263,7 @@ class Trainer:
             logs["train/loss_scale"] = float(getattr(optimizer, "cur_scale", getattr(optimizer, "loss_scale", 0.0)))
         # steps DeepSpeed skipped for non-finite gradients (a finite loss can still have them):
         # fp16 at every stage, fp32 and bf16 at ZeRO-1/2
-        logs["train/overflow_skipped_steps"] = self.engine.skipped_steps
+        logs["train/skipped_optimizer_steps"] = self.engine.skipped_steps
         logs["data/truncated_captions"] = self.stream.truncated_captions
         logs.update({f"data/rejects/{reason}": n for reason, n in self.stream.rejects.counts.items()})
         logs.update(self.extra_logs())  # collective: every rank calls it
@@ -285,8 +288,8 @@ class Trainer:
 
     def summary(self) -> str:
         return (f"{self.command}: {self.progress.step} steps, {self.progress.samples} samples, "
-                f"{self.progress.skipped_steps} skipped; checkpoints in {self.run_dir / checkpoint.CHECKPOINTS}, "
-                f"TensorBoard: tensorboard --logdir {self.run_dir / 'tensorboard'}")
+                f"{self.progress.skipped_micro_batches} micro-batches skipped; checkpoints in "
+                f"{self.run_dir / checkpoint.CHECKPOINTS}, TensorBoard: tensorboard --logdir {self.run_dir / 'tensorboard'}")
 
     # ---- what each trainer says -------------------------------------------------------------
 
