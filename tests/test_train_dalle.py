@@ -3,6 +3,7 @@ and ZeRO-3 (bf16), exact resume after a clean stop and after SIGKILL, TensorBoar
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,8 +15,10 @@ import torch
 
 from conftest import tiny_vae
 from data_fixtures import write_corpus
+from dalle_ds.cli import main
 from dalle_ds.data.pretokenize import pretokenize
 from dalle_ds.data.tokenizer import train_tokenizer
+from dalle_ds.training import trainer as trainer_module
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -228,3 +231,33 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_from_it(inputs, tmp_path
     assert 4 <= saved < 150 and f"train-dalle: {saved} steps" in job.stdout.read()
     run(command(inputs, stopped, *extra, "--resume"))
     assert losses(stopped) == pytest.approx(losses(tmp_path / "straight"), abs=1e-6)
+
+
+@pytest.mark.parametrize("command, broken, message", [
+    ("train-dalle", "tokenizer", "tokenizer model .* does not exist"),
+    ("train-dalle", "vae", "is neither a model folder"),
+    ("train-dalle", "data", "no shards match"),
+    ("train-clip", "tokenizer", "tokenizer model .* does not exist"),
+    ("train-vae", "data", "no shards match"),
+])
+def test_trainers_reject_bad_inputs_before_any_heavy_start_up(tmp_path, monkeypatch, capsys, command, broken,
+                                                              message):
+    """A missing tokenizer, a folder that holds no dVAE or data that matches nothing is a one-line
+    error before the process group (and DeepSpeed's comm op) starts."""
+    def heavy_start_up(env):
+        raise AssertionError("the process group started before the inputs were checked")
+    monkeypatch.setattr(trainer_module, "init_distributed", heavy_start_up)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "00000.tar").write_bytes(b"")
+    tokenizer = train_tokenizer([f"a {w} thing" for w in ("red", "green", "blue", "large")] * 20,
+                                tmp_path / "tok.model", 30, byte_fallback=False)
+    paths = {"data": str(tmp_path / "data"), "tokenizer": str(tokenizer), "vae": str(tmp_path)}
+    if broken != "vae":
+        tiny_vae().save_pretrained(tmp_path / "vae")
+        paths["vae"] = str(tmp_path / "vae")
+    paths[broken] = str(tmp_path / "missing")
+    flags = {"train-dalle": ("data", "tokenizer", "vae"), "train-clip": ("data", "tokenizer"), "train-vae": ("data",)}
+    argv = [command, *(item for key in flags[command] for item in (f"--{key}", paths[key])), "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err

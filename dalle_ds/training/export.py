@@ -74,6 +74,16 @@ def load_trained(path, kind: type):
     """(model, its tokenizer or None) from an exported model folder or a run folder (its latest
     checkpoint); ValueError unless it holds a ``kind``."""
     path = Path(path)
+    record_file = trained_record(path, kind)
+    model = kind.from_pretrained(path) if record_file.name == CONFIG_FILE else consolidate(path)
+    tokenizer = path / TOKENIZER
+    return model.eval(), (tokenizer if tokenizer.is_file() else None)
+
+
+def trained_record(path, kind: type) -> Path:
+    """The config record of the ``kind`` model in an export or run folder, without loading any
+    weights (a quick check before heavy start-up); ValueError for any other folder."""
+    path = Path(path)
     record_file = next((path / name for name in (CONFIG_FILE, MODEL_CONFIG) if (path / name).is_file()), None)
     if record_file is None:
         raise ValueError(f"{path} is neither a model folder (dalle-ds export writes one) nor a training run folder "
@@ -82,9 +92,7 @@ def load_trained(path, kind: type):
     if found != kind.__name__:
         raise ValueError(f"{path} holds a {found}, not a {kind.__name__}: give the folder of a "
                          f"{_TRAINED_BY.get(kind.__name__, 'training')} run or of its export")
-    model = kind.from_pretrained(path) if record_file.name == CONFIG_FILE else consolidate(path)
-    tokenizer = path / TOKENIZER
-    return model.eval(), (tokenizer if tokenizer.is_file() else None)
+    return record_file
 
 
 _TRAINED_BY = {"DALLE": "train-dalle", "CLIP": "train-clip", "DiscreteVAE": "train-vae"}

@@ -76,6 +76,10 @@ class ClipTrainer(Trainer):
             raise ValueError("config logging.retrieval_every_steps must be >= 0 (0: never) and "
                              "logging.retrieval_samples >= 2")
 
+    def check_inputs(self) -> None:
+        super().check_inputs()
+        CaptionTokenizer(self.args.tokenizer)
+
     def build_model(self) -> CLIP:
         self.tokenizer = CaptionTokenizer(self.args.tokenizer)
         return CLIP(num_text_tokens=self.tokenizer.vocab_size, **to_dict(self.config.model))

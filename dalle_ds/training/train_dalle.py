@@ -20,7 +20,7 @@ from ..data.tokenizer import CaptionTokenizer
 from ..models.dalle import DALLE
 from ..models.pretrained import model_fingerprint
 from ..models.vae import DiscreteVAE
-from .export import load_trained
+from .export import load_trained, trained_record
 from .metrics import dalle_flops_per_token
 from .trainer import LoggingConfig, RunConfig, Trainer, add_common_arguments, stream_config
 
@@ -72,6 +72,11 @@ class DalleTrainer(Trainer):
         super().check_config()
         if self.config.logging.sample_every_steps < 0:
             raise ValueError("config logging.sample_every_steps must be >= 0 (0: never sample)")
+
+    def check_inputs(self) -> None:
+        super().check_inputs()
+        CaptionTokenizer(self.args.tokenizer)
+        trained_record(self.args.vae, DiscreteVAE)
 
     def build_model(self) -> DALLE:
         self.tokenizer = CaptionTokenizer(self.args.tokenizer)

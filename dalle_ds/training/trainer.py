@@ -22,6 +22,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..config import batch_layout, load_config, to_dict, write_resolved
+from ..data.shards import parse_sources
 from ..data.stream import ShardStream, StreamConfig
 from ..distributed import dist_env
 from . import checkpoint
@@ -128,9 +129,11 @@ class Trainer:
 
     def __init__(self, args: argparse.Namespace):
         self.args, self.env = args, dist_env()
-        init_distributed(self.env)
+        # every check that reads only the command line and files comes before the heavy start-up
         self.config = load_config(self.config_class, args.config, args.overrides)
         self.check_config()
+        self.check_inputs()
+        init_distributed(self.env)
         self.run_dir = Path(args.out)
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -302,6 +305,11 @@ class Trainer:
         bad = [key for key, value in counts.items() if value < 1]
         if bad:
             raise ValueError(f"config {', '.join(bad)} must be >= 1")
+
+    def check_inputs(self) -> None:
+        """ValueError for an input path that cannot be used (each trainer checks its own), before
+        the process group, DeepSpeed or any model starts. Here: the data patterns match shards."""
+        parse_sources(self.args.data)
 
     def build_model(self) -> torch.nn.Module:
         raise NotImplementedError
