@@ -179,18 +179,6 @@ def _add_generate(sub):
     p.set_defaults(run=_run_generate)
 
 
-def _load_with_tokenizer(path, kind, flag: str):
-    """(model, its CaptionTokenizer) from an export or a run folder."""
-    from .data.tokenizer import CaptionTokenizer
-    from .training.export import load_trained
-
-    model, tokenizer = load_trained(path, kind)
-    if tokenizer is None:
-        raise ValueError(f"{flag} {path} has no tokenizer.model: export it from its run folder again, or copy the "
-                         f"run's sentencepiece model there as tokenizer.model")
-    return model, CaptionTokenizer(tokenizer)
-
-
 def _run_generate(args):
     from tqdm import tqdm
 
@@ -198,13 +186,14 @@ def _run_generate(args):
     from .generate import GenerateSettings, generate
     from .models.clip import CLIP
     from .models.dalle import DALLE
+    from .training.export import load_with_tokenizer
 
     prompts = list(args.captions)
     if args.prompts_file:
         prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
-    dalle, tokenizer = _load_with_tokenizer(args.dalle, DALLE, "--dalle")
+    dalle, tokenizer = load_with_tokenizer(args.dalle, DALLE, "--dalle")
     dalle.to(args.device or default_device())
-    clip = _load_with_tokenizer(args.clip, CLIP, "--clip") if args.clip else None
+    clip = load_with_tokenizer(args.clip, CLIP, "--clip") if args.clip else None
     filter_thres = args.filter_thres if args.top_k is None else 1 - (args.top_k + 0.5) / dalle.num_image_tokens
     settings = GenerateSettings(args.num_images, args.batch_size, args.seed, args.temperature, filter_thres,
                                 args.top_p, args.cond_scale, args.keep)
@@ -228,13 +217,8 @@ def _add_eval(sub):
 
 
 def _run_eval(args):
-    import json
-
     from . import evaluate
-    from .models.clip import CLIP
-    from .models.dalle import DALLE
-    from .models.vae import DiscreteVAE
-    from .training.export import load_trained
+    from .demo.shapes import analyse, parse_caption
 
     pairs = {"--vae": (args.vae, args.images, "--images"), "--dalle": (args.dalle, args.tokens, "--tokens")}
     for flag, (model, data, data_flag) in pairs.items():
@@ -242,17 +226,10 @@ def _run_eval(args):
             raise ValueError(f"{flag} and {data_flag} go together")
     if not (args.vae or args.dalle or args.generations):
         raise ValueError("nothing to evaluate: give --vae with --images, --dalle with --tokens, or --generations")
-    results = {}
-    if args.vae:
-        results["vae"] = evaluate.eval_vae(load_trained(args.vae, DiscreteVAE)[0], args.images, args.max_samples)
-    if args.dalle:
-        dalle, tokenizer = _load_with_tokenizer(args.dalle, DALLE, "--dalle")
-        results["dalle"] = evaluate.eval_dalle(dalle, tokenizer, args.tokens, args.max_samples)
-    if args.generations:
-        clip = _load_with_tokenizer(args.clip, CLIP, "--clip") if args.clip else None
-        results["generations"] = evaluate.eval_generations(args.generations, clip)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    # the demo's analyser reads colour and shape for captions that name them; others are skipped
+    results = evaluate.evaluate(args.out, vae=args.vae, images=args.images, dalle=args.dalle, tokens=args.tokens,
+                                generations=args.generations, clip=args.clip, max_samples=args.max_samples,
+                                attributes=(parse_caption, analyse))
     return f"{evaluate.table(results)}\neval: wrote {args.out}"
 
 

@@ -3,9 +3,9 @@
 - dVAE on held-out image shards: reconstruction MSE and PSNR (through the hard codes DALL-E
   sees, images in [0, 1]) and codebook usage (perplexity, dead codes).
 - DALL-E on held-out token shards: validation loss, text and image, and per-token perplexity.
-- Generations (what ``generate`` wrote): mean CLIP score (100 x cosine) with our CLIP, and for
-  captions of the demo dataset the colour and shape accuracy the analyser reads from the
-  pixels, over all images and over each prompt's best by CLIP (rank 0).
+- Generations (what ``generate`` wrote): mean CLIP score (100 x cosine) with our CLIP, and,
+  given an attribute reader (the demo's reads colour and shape), how often the pixels show what
+  the caption asks for, over all images and over each prompt's best by CLIP (rank 0).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import json
 import math
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -22,12 +23,16 @@ from PIL import Image
 from .data.images import images_to_float
 from .data.stream import ImageTextStream, StreamConfig, TokenStream
 from .data.tokenizer import CaptionTokenizer
-from .demo.shapes import analyse, parse_caption
 from .models.clip import CLIP
 from .models.dalle import DALLE
 from .models.pretrained import model_fingerprint
 from .models.vae import DiscreteVAE
+from .training.export import load_trained, load_with_tokenizer
 from .training.metrics import codebook_usage
+
+# (what a caption asks for, what an image shows): caption -> {attribute: value or None}, and
+# (H, W, 3) uint8 pixels -> the same keys; the demo's are demo/shapes.py's parse_caption and analyse
+Attributes = tuple[Callable[[str], dict], Callable[[np.ndarray], dict]]
 
 
 def _batches(items: list, size: int):
@@ -85,8 +90,27 @@ def _generated(folder: Path) -> list[tuple[Path, dict]]:
     return found
 
 
+def evaluate(out, *, vae=None, images=None, dalle=None, tokens=None, generations=None, clip=None,
+             max_samples: int = 1_000, attributes: Attributes | None = None) -> dict:
+    """Each part given, from its export or run folder: the dVAE on held-out image shards, DALL-E
+    on held-out token shards, generate's output (CLIP-scored with ``clip``); written to ``out``
+    as JSON and returned."""
+    results = {}
+    if vae:
+        results["vae"] = eval_vae(load_trained(vae, DiscreteVAE)[0], images, max_samples)
+    if dalle:
+        results["dalle"] = eval_dalle(*load_with_tokenizer(dalle, DALLE, "--dalle"), tokens, max_samples)
+    if generations:
+        scorer = load_with_tokenizer(clip, CLIP, "--clip") if clip else None
+        results["generations"] = eval_generations(generations, scorer, attributes)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=2))
+    return results
+
+
 @torch.inference_mode()
-def eval_generations(folder, clip: tuple[CLIP, CaptionTokenizer] | None = None) -> dict:
+def eval_generations(folder, clip: tuple[CLIP, CaptionTokenizer] | None = None,
+                     attributes: Attributes | None = None) -> dict:
     generated = _generated(Path(folder))
     result: dict = {"images": len(generated), "prompts": len({meta["prompt"] for _, meta in generated})}
     if clip is not None:
@@ -100,7 +124,8 @@ def eval_generations(folder, clip: tuple[CLIP, CaptionTokenizer] | None = None) 
             images = torch.cat([_load(path, model.image_size) for path in paths])
             scores += model.clip_score(text.ids, images, text.mask).tolist()
         result["clip_score"] = float(np.mean(scores))
-    result.update(_attribute_accuracy(generated))
+    if attributes is not None:
+        result.update(_attribute_accuracy(generated, *attributes))
     return result
 
 
@@ -109,23 +134,25 @@ def _load(path: Path, size: int) -> torch.Tensor:
     return images_to_float(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None])
 
 
-def _attribute_accuracy(generated) -> dict:
-    """Colour and shape read from the pixels against those the caption asks for (demo captions)."""
+def _attribute_accuracy(generated, wanted_in, seen_in) -> dict:
+    """Each attribute read from the pixels against the caption's, and all of them at once
+    ("both", as the demo's are colour and shape); images whose caption names not every
+    attribute are skipped."""
     hits = defaultdict(list)
     for path, meta in generated:
-        wanted = parse_caption(meta["prompt"])
-        if wanted["colour"] is None or wanted["shape"] is None:
+        wanted = wanted_in(meta["prompt"])
+        if any(value is None for value in wanted.values()):
             continue
-        seen = analyse(np.asarray(Image.open(path).convert("RGB")))
+        seen = seen_in(np.asarray(Image.open(path).convert("RGB")))
         ranked_first = meta.get("rank") == 0 and meta.get("clip_score") is not None
         for scope in ("all", "best") if ranked_first else ("all",):
-            hits[f"{scope}/colour"].append(seen["colour"] == wanted["colour"])
-            hits[f"{scope}/shape"].append(seen["shape"] == wanted["shape"])
+            for key in wanted:
+                hits[f"{scope}/{key}"].append(seen[key] == wanted[key])
             hits[f"{scope}/both"].append(seen == wanted)
     if not hits:
         return {}
     accuracy = {f"attribute_accuracy/{key}": float(np.mean(values)) for key, values in sorted(hits.items())}
-    return {**accuracy, "attribute_images": len(hits["all/colour"])}
+    return {**accuracy, "attribute_images": len(hits["all/both"])}
 
 
 def table(results: dict) -> str:

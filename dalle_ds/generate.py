@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data.decode_check import caption_grid
 from .data.tokenizer import CaptionTokenizer
 from .files import atomic_write, atomic_write_bytes
+from .grids import caption_grid
 from .models.clip import CLIP
 from .models.dalle import DALLE
 

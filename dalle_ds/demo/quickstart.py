@@ -1,8 +1,9 @@
 """dalle-ds demo: the whole pipeline on the embedded shapes dataset, on a laptop-sized CPU budget.
 
-Each step is the job a user would run on their own data, through the same command line
-(DeepSpeed trainers as their own processes, DALL-E under torchrun), with settings sized to
-train in minutes on 2 CPU cores. A step whose output is already complete is skipped, so an
+Each step is the job a user would run on their own data: the data jobs, exports, generation
+and eval through the library functions the command line calls, the trainers through the command
+line in their own processes (DeepSpeed's, DALL-E's under torchrun), with settings sized to train
+in minutes on 2 CPU cores. A step whose output is already complete is skipped, so an
 interrupted demo continues where it stopped.
 """
 
@@ -20,11 +21,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..cli import main as cli
-from ..data.decode_check import caption_grid
+from ..data.pretokenize import default_device, pretokenize
+from ..data.shards import expand_shards
+from ..data.tar_reader import iter_captions
+from ..data.tokenizer import train_tokenizer
+from ..evaluate import evaluate, table
 from ..files import atomic_write
+from ..generate import GenerateSettings, generate
+from ..grids import caption_grid
+from ..models.clip import CLIP
+from ..models.dalle import DALLE
+from ..models.vae import DiscreteVAE
+from ..training.export import export_run, load_trained, load_with_tokenizer
 from .dataset import write_demo_dataset
-from .shapes import BACKGROUNDS, HELD_OUT, POSITIONS, SIZES, Scene
+from .shapes import BACKGROUNDS, HELD_OUT, POSITIONS, SIZES, Scene, analyse, parse_caption
 
 
 @dataclass(frozen=True)
@@ -60,9 +70,9 @@ class DemoPlan:
                 "train.deepspeed_config=ds_configs/zero0.json",
                 *self._schedule(self.clip_steps, "logging.retrieval_every_steps")]
 
-    def generate(self) -> list[str]:
+    def generate(self, seed: int) -> GenerateSettings:
         # no guidance: on held-out pairs it pushes towards the training pairs (measured: shape accuracy 81% -> 46%)
-        return ["--num-images", str(self.images_per_prompt), "--cond-scale", "1", "--filter-thres", "0.9"]
+        return GenerateSettings(num_images=self.images_per_prompt, seed=seed, cond_scale=1.0, filter_thres=0.9)
 
     @staticmethod
     def _schedule(steps: int, pictures_key: str) -> list[str]:
@@ -94,12 +104,7 @@ class _Steps:
         print(f"[demo] {name}: {time.perf_counter() - began:.0f} s", flush=True)
 
 
-def _cli(*args: str) -> None:
-    if cli(list(args)) != 0:
-        raise RuntimeError(f"demo step failed: dalle-ds {' '.join(args)}")
-
-
-def _process(*args: str, ranks: int = 1) -> None:
+def _train(*args: str, ranks: int = 1) -> None:
     """A trainer in its own process(es), as the user runs it: DeepSpeed owns the process group."""
     threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // ranks)))
     env = {**os.environ, "OMP_NUM_THREADS": threads}
@@ -116,6 +121,16 @@ def _write_dataset(data: Path, plan: DemoPlan, seed: int) -> None:
     shutil.rmtree(partial, ignore_errors=True)
     write_demo_dataset(partial, plan.train_samples, plan.heldout_samples, seed, plan.samples_per_shard)
     partial.rename(data)
+
+
+def _pretokenize(data: Path, vae: Path, out: Path) -> None:
+    pretokenize(expand_shards(str(data)).paths, load_trained(vae, DiscreteVAE)[0], out, progress=False)
+
+
+def _generate(models: Path, prompts: list[str], samples: Path, settings: GenerateSettings) -> None:
+    dalle, tokenizer = load_with_tokenizer(models / "dalle", DALLE, "DALL-E")
+    generate(dalle.to(default_device()), tokenizer, prompts, samples, settings,
+             load_with_tokenizer(models / "clip", CLIP, "CLIP"))
 
 
 def _overview(samples: Path, out_png: Path) -> None:
@@ -140,34 +155,32 @@ def run_demo(out, ranks: int = 2, seed: int = 0, plan: DemoPlan = DemoPlan()) ->
     seeds = [f"train.seed={seed}", "--resume"]  # an interrupted run continues from its last checkpoint
     steps.run("dataset", data, lambda: _write_dataset(data, plan, seed))
     tokenizer = out / "tokenizer.model"
-    steps.run("tokenizer", tokenizer, lambda: _cli("train-tokenizer", "--data", str(data / "train"), "--out",
-                                                   str(tokenizer), "--vocab-size", str(plan.vocab_size)))
+    steps.run("tokenizer", tokenizer, lambda: train_tokenizer(
+        iter_captions(expand_shards(str(data / "train")).paths), tokenizer, plan.vocab_size))
     steps.run("dVAE", models / "vae" / "config.json", lambda: (
-        _process("train-vae", "--data", str(data / "train"), "--out", str(runs / "vae"), *plan.vae(), *seeds),
-        _cli("export", str(runs / "vae"), "--out", str(models / "vae"))))
+        _train("train-vae", "--data", str(data / "train"), "--out", str(runs / "vae"), *plan.vae(), *seeds),
+        export_run(runs / "vae", models / "vae")))
     for split in ("train", "heldout"):
-        steps.run(f"pretokenize {split}", out / "tokens" / split / "manifest.json", lambda split=split: _cli(
-            "pretokenize", "--data", str(data / split), "--vae", str(models / "vae"), "--out",
-            str(out / "tokens" / split), "--no-progress"))
+        steps.run(f"pretokenize {split}", out / "tokens" / split / "manifest.json",
+                  lambda split=split: _pretokenize(data / split, models / "vae", out / "tokens" / split))
     steps.run(f"DALL-E ({ranks} ranks)", models / "dalle" / "config.json", lambda: (
-        _process("train-dalle", "--data", str(out / "tokens" / "train"), "--tokenizer", str(tokenizer), "--vae",
-                 str(models / "vae"), "--out", str(runs / "dalle"), *plan.dalle(), *seeds, ranks=ranks),
-        _cli("export", str(runs / "dalle"), "--out", str(models / "dalle"))))
+        _train("train-dalle", "--data", str(out / "tokens" / "train"), "--tokenizer", str(tokenizer), "--vae",
+               str(models / "vae"), "--out", str(runs / "dalle"), *plan.dalle(), *seeds, ranks=ranks),
+        export_run(runs / "dalle", models / "dalle")))
     steps.run("CLIP", models / "clip" / "config.json", lambda: (
-        _process("train-clip", "--data", str(data / "train"), "--tokenizer", str(tokenizer), "--out",
-                 str(runs / "clip"), *plan.clip(), *seeds),
-        _cli("export", str(runs / "clip"), "--out", str(models / "clip"))))
-    samples, prompts = out / "samples", out / "heldout_prompts.txt"
-    prompts.write_text("\n".join(heldout_prompts()) + "\n")
+        _train("train-clip", "--data", str(data / "train"), "--tokenizer", str(tokenizer), "--out",
+               str(runs / "clip"), *plan.clip(), *seeds),
+        export_run(runs / "clip", models / "clip")))
+    samples, prompts = out / "samples", heldout_prompts()
+    (out / "heldout_prompts.txt").write_text("\n".join(prompts) + "\n")
     overview = out / "samples.png"  # written last: generation finished
-    steps.run("generate (held-out captions)", overview, lambda: (_cli(
-        "generate", "--dalle", str(models / "dalle"), "--clip", str(models / "clip"), "--out", str(samples),
-        "--seed", str(seed), "--prompts-file", str(prompts), *plan.generate()), _overview(samples, overview)))
+    steps.run("generate (held-out captions)", overview, lambda: (
+        _generate(models, prompts, samples, plan.generate(seed)), _overview(samples, overview)))
     results = out / "eval.json"
-    steps.run("eval", results, lambda: _cli(
-        "eval", "--out", str(results), "--vae", str(models / "vae"), "--images", str(data / "heldout"),
-        "--dalle", str(models / "dalle"), "--tokens", str(out / "tokens" / "heldout"),
-        "--generations", str(samples), "--clip", str(models / "clip")))
+    steps.run("eval", results, lambda: print(table(evaluate(
+        results, vae=models / "vae", images=str(data / "heldout"), dalle=models / "dalle",
+        tokens=str(out / "tokens" / "heldout"), generations=samples, clip=models / "clip",
+        attributes=(parse_caption, analyse))), flush=True))
     minutes = (time.perf_counter() - steps.start) / 60
     return (f"demo: done in {minutes:.1f} min.\n"
             f"  images for held-out captions: {overview} (best of each, by CLIP) and {samples}/*.png\n"

@@ -80,6 +80,17 @@ def load_trained(path, kind: type):
     return model.eval(), (tokenizer if tokenizer.is_file() else None)
 
 
+def load_with_tokenizer(path, kind: type, what: str):
+    """(model, its CaptionTokenizer) from an export or a run folder; ``what`` names it in errors."""
+    from ..data.tokenizer import CaptionTokenizer
+
+    model, tokenizer = load_trained(path, kind)
+    if tokenizer is None:
+        raise ValueError(f"{what} {path} has no tokenizer.model: export it from its run folder again, or copy the "
+                         f"run's sentencepiece model there as tokenizer.model")
+    return model, CaptionTokenizer(tokenizer)
+
+
 def trained_record(path, kind: type) -> Path:
     """The config record of the ``kind`` model in an export or run folder, without loading any
     weights (a quick check before heavy start-up); ValueError for any other folder."""

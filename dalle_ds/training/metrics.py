@@ -62,7 +62,7 @@ class MetricsWriter:
             return
         import numpy as np
 
-        from ..data.decode_check import caption_grid
+        from ..grids import caption_grid
 
         grid = np.asarray(caption_grid(images.float().cpu(), captions, columns))
         self.tb.add_image(tag, grid, step, dataformats="HWC")
