@@ -237,8 +237,9 @@ def _add_demo(sub):
     p = sub.add_parser("demo", help="the quickstart: demo data -> tokenizer -> dVAE -> DALL-E (2 ranks) -> CLIP -> "
                                     "images for held-out captions -> eval")
     p.add_argument("--out", required=True, help="folder for everything the demo makes")
-    p.add_argument("--ranks", type=int, default=2,
-                   help="DALL-E training processes (default 2; on GPUs at most one per GPU)")
+    p.add_argument("--ranks", type=int, default=None,
+                   help="DALL-E training processes (default: one per GPU, else 2); any count trains the same "
+                        "global batch of 32")
     p.add_argument("--seed", type=int, default=0, help="dataset and training seed (default 0)")
     p.set_defaults(run=_run_demo)
 

@@ -7,6 +7,9 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
+from dalle_ds.config import apply_overrides, batch_layout
 from dalle_ds.demo.quickstart import DemoPlan, heldout_prompts, run_demo
 
 TINY = DemoPlan(train_samples=64, heldout_samples=16, samples_per_shard=16, vocab_size=300, vae_steps=3,
@@ -31,3 +34,19 @@ def test_the_quickstart_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypat
     run_demo(tmp_path, ranks=2, plan=TINY)
     log = capfd.readouterr().out
     assert log.count("already done") == 9 and "train-" not in log
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 4, 8])
+def test_the_demo_trains_dalle_on_one_global_batch_at_any_rank_count(ranks):
+    """One rank accumulates what two compute at once: the recipe, and so the results, do not
+    follow the rank count."""
+    train = apply_overrides({}, DemoPlan().dalle(ranks))["train"]
+    layout = batch_layout(train["micro_batch"], ranks, train["global_batch"])
+    assert layout.micro_batch * layout.grad_accumulation * ranks == 32
+    assert layout.grad_accumulation == (2 if ranks == 1 else 1)
+
+
+def test_a_rank_count_that_cannot_share_the_global_batch_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="global batch of 32: give a --ranks that divides it, got 3"):
+        run_demo(tmp_path, ranks=3, plan=TINY)
+    assert not list(tmp_path.iterdir())  # before any step

@@ -49,6 +49,8 @@ class DemoPlan:
     dalle_steps: int = 1_200
     clip_steps: int = 2_000
     images_per_prompt: int = 8
+    dalle_global_batch: int = 32  # the same recipe at any rank count: fewer ranks accumulate
+    dalle_micro_batch: int = 16  # at most, per rank
 
     def vae(self) -> list[str]:
         return ["model.image_size=48", "model.num_layers=2", "model.num_tokens=64", "model.codebook_dim=64",
@@ -56,11 +58,22 @@ class DemoPlan:
                 "anneal.rate=2e-3", "anneal.temperature_min=0.1", "train.deepspeed_config=ds_configs/zero0.json",
                 *self._schedule(self.vae_steps, "logging.image_every_steps")]
 
-    def dalle(self) -> list[str]:
+    def dalle(self, ranks: int) -> list[str]:
+        if self.dalle_global_batch % ranks:
+            raise ValueError(f"the demo trains DALL-E on a global batch of {self.dalle_global_batch}: give a --ranks "
+                             f"that divides it, got {ranks}")
+        micro_batch = min(self.dalle_micro_batch, self.dalle_global_batch // ranks)
         return ["model.dim=128", "model.depth=4", "model.heads=4", "model.dim_head=32", "model.text_seq_len=16",
-                "model.null_cond_prob=0.1", "train.micro_batch=16", "optim.lr=3e-3", "logging.sample_cond_scale=1.0",
+                "model.null_cond_prob=0.1", f"train.micro_batch={micro_batch}",
+                f"train.global_batch={self.dalle_global_batch}", "optim.lr=3e-3", "logging.sample_cond_scale=1.0",
                 "train.deepspeed_config=ds_configs/zero2.json",
                 *self._schedule(self.dalle_steps, "logging.sample_every_steps")]
+
+    def default_ranks(self) -> int:
+        """One per GPU (as many as divide the global batch), else 2 CPU processes."""
+        if not torch.cuda.is_available():
+            return 2
+        return max(r for r in range(1, torch.cuda.device_count() + 1) if self.dalle_global_batch % r == 0)
 
     def clip(self) -> list[str]:
         return ["model.dim_text=64", "model.dim_image=64", "model.dim_latent=64", "model.text_enc_depth=2",
@@ -144,11 +157,14 @@ def _overview(samples: Path, out_png: Path) -> None:
     atomic_write(out_png, lambda path: grid.save(path, format="PNG"))
 
 
-def run_demo(out, ranks: int = 2, seed: int = 0, plan: DemoPlan = DemoPlan()) -> str:
+def run_demo(out, ranks: int | None = None, seed: int = 0, plan: DemoPlan = DemoPlan()) -> str:
+    """``ranks``: DALL-E's training processes (default ``plan.default_ranks()``)."""
+    ranks = plan.default_ranks() if ranks is None else ranks
     if torch.cuda.is_available():
         ranks = min(ranks, torch.cuda.device_count())  # a rank per GPU
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # for the trainers this process starts, too
+    plan.dalle(ranks)  # a rank count the recipe cannot take fails before any step
     out = Path(out)
     data, runs, models = out / "data", out / "runs", out / "models"
     steps = _Steps()
@@ -165,7 +181,7 @@ def run_demo(out, ranks: int = 2, seed: int = 0, plan: DemoPlan = DemoPlan()) ->
                   lambda split=split: _pretokenize(data / split, models / "vae", out / "tokens" / split))
     steps.run(f"DALL-E ({ranks} ranks)", models / "dalle" / "config.json", lambda: (
         _train("train-dalle", "--data", str(out / "tokens" / "train"), "--tokenizer", str(tokenizer), "--vae",
-               str(models / "vae"), "--out", str(runs / "dalle"), *plan.dalle(), *seeds, ranks=ranks),
+               str(models / "vae"), "--out", str(runs / "dalle"), *plan.dalle(ranks), *seeds, ranks=ranks),
         export_run(runs / "dalle", models / "dalle")))
     steps.run("CLIP", models / "clip" / "config.json", lambda: (
         _train("train-clip", "--data", str(data / "train"), "--tokenizer", str(tokenizer), "--out",
