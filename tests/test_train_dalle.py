@@ -52,10 +52,10 @@ def command(inputs, out, *extra, ranks=1, ds_config="zero2.json"):
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 
 
-def run(cmd):
+def run(cmd, with_stderr=False):
     done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    return (done.stdout, done.stderr) if with_stderr else done.stdout
 
 
 def losses(run_dir) -> dict[int, float]:
@@ -68,6 +68,10 @@ def test_single_process_trains_resumes_exactly_and_logs(inputs, tmp_path):
     schedule = ["optim.total_steps=8", "checkpoint.every_steps=4"]  # the same lr schedule for a stop at 4
     out = run(command(inputs, tmp_path / "a", "train.steps=8", *schedule, "logging.sample_every_steps=8"))
     assert "train-dalle: 8 steps, 32 samples" in out
+    # no terminal here: a plain progress line per logging interval, as a SLURM log shows it
+    progress = [line for line in out.splitlines() if line.startswith("train-dalle step ")]
+    assert [line.split()[2] for line in progress] == [f"{step}/8:" for step in range(1, 9)]
+    assert all(re.search(r"loss \d+\.\d{4}, [\d,]+ tokens/s, ETA \d+:\d\d:\d\d$", line) for line in progress)
     run(command(inputs, tmp_path / "b", "train.steps=4", *schedule))
     run(command(inputs, tmp_path / "b", "train.steps=8", *schedule, "--resume"))
     straight, resumed = losses(tmp_path / "a"), losses(tmp_path / "b")
@@ -98,9 +102,11 @@ def test_single_process_trains_resumes_exactly_and_logs(inputs, tmp_path):
 
 @pytest.mark.parametrize("ds_config", ["zero2.json", "zero3_bf16.json"])
 def test_two_ranks_learn(inputs, tmp_path, ds_config):
-    out = run(command(inputs, tmp_path / "run", "train.steps=10", "checkpoint.every_steps=10",
-                      "logging.sample_every_steps=10", ranks=2, ds_config=ds_config))  # sampling is collective
-    assert out.count("train-dalle:") == 1 and "80 samples" in out  # 10 steps x 4 x 2 ranks
+    out, err = run(command(inputs, tmp_path / "run", "train.steps=10", "checkpoint.every_steps=10",
+                           "logging.sample_every_steps=10", ranks=2, ds_config=ds_config), with_stderr=True)
+    assert out.count("train-dalle:") == 1 and "80 samples" in out  # 10 steps x 4 x 2 ranks (sampling is collective)
+    assert out.count("train-dalle step 10/10:") == 1  # progress from rank 0 only
+    assert "all_gather_into_tensor" not in err  # DeepSpeed's deprecation noise, silenced on every rank
     trained = losses(tmp_path / "run")
     assert trained[10] < 0.7 * trained[1], trained
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import math
 import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -119,6 +121,36 @@ class _Preemption:
         return bool(flag.item())
 
 
+class _Console:
+    """Rank 0's progress: a tqdm bar with loss and tokens/s on a terminal; elsewhere (a SLURM
+    log, a pipe) one plain line per logging interval, with the ETA from this run's pace."""
+
+    def __init__(self, command: str, first_step: int, steps: int, enabled: bool):
+        self.command, self.first_step, self.steps = command, first_step, steps
+        self.enabled, self.start = enabled, time.perf_counter()
+        self.bar = tqdm(total=steps, initial=first_step, desc=command, unit="step",
+                        disable=not (enabled and sys.stderr.isatty()))
+
+    def step(self) -> None:
+        self.bar.update(1)
+
+    def report(self, step: int, loss: float, tokens_per_s: float) -> None:
+        if not self.bar.disable:
+            self.bar.set_postfix(loss=f"{loss:.4f}", tokens_s=f"{tokens_per_s:,.0f}")
+        elif self.enabled:
+            per_step = (time.perf_counter() - self.start) / max(step - self.first_step, 1)
+            eta = datetime.timedelta(seconds=round(per_step * (self.steps - step)))
+            print(f"{self.command} step {step}/{self.steps}: loss {loss:.4f}, {tokens_per_s:,.0f} tokens/s, "
+                  f"ETA {eta}", flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# DeepSpeed and torch warnings that every rank repeats and that need no action from a user
+_NOISE = [(FutureWarning, r"`torch\.distributed\.all_gather_into_tensor` is deprecated")]
+
+
 class Trainer:
     """Subclasses set ``command``, ``config_class`` and ``loss_names`` (the first is the one
     trained on) and implement the hooks below the loop."""
@@ -129,6 +161,8 @@ class Trainer:
 
     def __init__(self, args: argparse.Namespace):
         self.args, self.env = args, dist_env()
+        for category, message in _NOISE:
+            warnings.filterwarnings("ignore", message=message, category=category)
         # every check that reads only the command line and files comes before the heavy start-up
         self.config = load_config(self.config_class, args.config, args.overrides)
         self.check_config()
@@ -185,14 +219,13 @@ class Trainer:
     def train(self) -> Progress:
         batches = iter(self.stream)
         throughput, bad = Throughput(), _BadSteps()
-        bar = tqdm(total=self.config.train.steps, initial=self.progress.step, desc=self.command, unit="step",
-                   disable=not (self.env.is_main and sys.stderr.isatty()))
+        console = _Console(self.command, self.progress.step, self.config.train.steps, self.env.is_main)
         while self.progress.step < self.config.train.steps:
             logs = self._optimizer_step(batches, throughput, bad)
-            bar.update(1)
+            console.step()
             if self.progress.step % self.config.logging.every_steps == 0:
                 self._log(logs, throughput)
-                bar.set_postfix(loss=f"{logs[self.loss_names[0]]:.4f}")
+                console.report(self.progress.step, logs[self.loss_names[0]], logs["perf/tokens_per_s"])
             preempted = self.preemption.agreed(self.engine.device)  # then save at once, no pictures
             every = self.visual_every()
             if not preempted and every and self.progress.step % every == 0:
@@ -203,7 +236,7 @@ class Trainer:
                 self._save()
             if preempted:
                 break
-        bar.close()
+        console.close()
         self.metrics.close()
         return self.progress
 
