@@ -24,6 +24,15 @@ T = TypeVar("T")
 RESOLVED_CONFIG = "config.yaml"
 
 
+def constructor_defaults(cls: type) -> dict:
+    """The default of each parameter of ``cls``'s constructor that has one: a model config takes
+    its defaults from here, so that each default lives in one place, the model's signature."""
+    import inspect
+
+    return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
 def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     """Builds dataclass ``cls`` from plain data, recursively; unknown keys are an error."""
     if not isinstance(data, dict):

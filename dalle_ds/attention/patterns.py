@@ -242,19 +242,31 @@ def _pad_out_of_range(idx: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where(idx < n, idx, -1)
 
 
+# Each type's class and the model options (DALLE's keywords) its constructor takes, by its own
+# parameter names; the defaults live in the constructors.
 _BUILDERS = {
-    "full": lambda layout, o: FullPattern(layout),
-    "axial_row": lambda layout, o: AxialRowPattern(layout),
-    "axial_col": lambda layout, o: AxialColPattern(layout),
-    "conv_like": lambda layout, o: ConvLikePattern(layout, o.get("conv_kernel_size", 5)),
-    "sparse": lambda layout, o: BlockSparsePattern(
-        layout, o.get("sparse_block_size", 16), o.get("sparse_local_blocks", 4), o.get("sparse_stride", 8)),
+    "full": (FullPattern, {}),
+    "axial_row": (AxialRowPattern, {}),
+    "axial_col": (AxialColPattern, {}),
+    "conv_like": (ConvLikePattern, {"conv_kernel_size": "kernel_size"}),
+    "sparse": (BlockSparsePattern, {"sparse_block_size": "block_size", "sparse_local_blocks": "local_blocks",
+                                    "sparse_stride": "stride"}),
 }
 ATTN_TYPES = tuple(_BUILDERS)
 
 
 def build_pattern(attn_type: str, layout: SequenceLayout, **options) -> AttentionPattern:
-    """``options``: conv_kernel_size, sparse_block_size, sparse_local_blocks, sparse_stride."""
+    """``options``: conv_kernel_size, sparse_block_size, sparse_local_blocks, sparse_stride (each
+    pattern takes its own; left out, the pattern's default)."""
     if attn_type not in _BUILDERS:
         raise ValueError(f"unknown attention type {attn_type!r}; expected one of {', '.join(ATTN_TYPES)}")
-    return _BUILDERS[attn_type](layout, options)
+    cls, names = _BUILDERS[attn_type]
+    return cls(layout, **{param: options[option] for option, param in names.items() if option in options})
+
+
+def pattern_default(option: str):
+    """The default of a model option (e.g. ``"sparse_stride"``): its pattern constructor's."""
+    import inspect
+
+    cls, names = next((cls, names) for cls, names in _BUILDERS.values() if option in names)
+    return inspect.signature(cls.__init__).parameters[names[option]].default

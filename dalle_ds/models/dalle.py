@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention.kernels import attend
-from ..attention.patterns import SequenceLayout, build_pattern
+from ..attention.patterns import SequenceLayout, build_pattern, pattern_default
 from .kv_cache import KVCache
 from .pretrained import PretrainedMixin, records_config
 from .sampling import sample
@@ -49,10 +49,10 @@ class DALLE(PretrainedMixin, nn.Module):
         stable: bool = False,
         sandwich_norm: bool = False,
         null_cond_prob: float = 0.0,
-        conv_kernel_size: int = 5,
-        sparse_block_size: int = 16,
-        sparse_local_blocks: int = 4,
-        sparse_stride: int = 8,
+        conv_kernel_size: int = pattern_default("conv_kernel_size"),
+        sparse_block_size: int = pattern_default("sparse_block_size"),
+        sparse_local_blocks: int = pattern_default("sparse_local_blocks"),
+        sparse_stride: int = pattern_default("sparse_stride"),
         checkpoint_activations: bool = False,
     ):
         """

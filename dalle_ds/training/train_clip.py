@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..config import to_dict
+from ..config import constructor_defaults, to_dict
 from ..data.images import images_to_float
 from ..data.stream import ImageTextStream
 from ..data.tokenizer import CaptionTokenizer
@@ -24,23 +24,26 @@ from .metrics import training_flops
 from .trainer import LoggingConfig, RunConfig, Trainer, add_common_arguments, stream_config
 
 
+_CLIP = constructor_defaults(CLIP)
+
+
 @dataclass
 class ClipModelConfig:
-    """CLIP's architecture (its text vocabulary comes from --tokenizer)."""
+    """CLIP's architecture (its text vocabulary comes from --tokenizer); the defaults are CLIP's own."""
 
-    dim_text: int = 512  # text encoder width
-    dim_image: int = 512  # image encoder (ViT) width
-    dim_latent: int = 512  # shared embedding space
-    text_enc_depth: int = 6  # text transformer layers
-    text_seq_len: int = 64  # caption tokens (longer captions are cut; counted)
-    text_heads: int = 8  # text attention heads
-    text_dim_head: int = 64  # width of each text head
-    visual_enc_depth: int = 6  # ViT layers
-    visual_heads: int = 8  # ViT attention heads
-    visual_dim_head: int = 64  # width of each ViT head
-    visual_image_size: int = 256  # images are resized (shorter side) and centre-cropped to this
-    visual_patch_size: int = 32  # ViT patch side
-    dropout: float = 0.0  # attention and feed-forward dropout in both encoders
+    dim_text: int = _CLIP["dim_text"]  # text encoder width
+    dim_image: int = _CLIP["dim_image"]  # image encoder (ViT) width
+    dim_latent: int = _CLIP["dim_latent"]  # shared embedding space
+    text_enc_depth: int = _CLIP["text_enc_depth"]  # text transformer layers
+    text_seq_len: int = _CLIP["text_seq_len"]  # caption tokens (longer captions are cut; counted)
+    text_heads: int = _CLIP["text_heads"]  # text attention heads
+    text_dim_head: int = _CLIP["text_dim_head"]  # width of each text head
+    visual_enc_depth: int = _CLIP["visual_enc_depth"]  # ViT layers
+    visual_heads: int = _CLIP["visual_heads"]  # ViT attention heads
+    visual_dim_head: int = _CLIP["visual_dim_head"]  # width of each ViT head
+    visual_image_size: int = _CLIP["visual_image_size"]  # images are resized (shorter side) and centre-cropped to this
+    visual_patch_size: int = _CLIP["visual_patch_size"]  # ViT patch side
+    dropout: float = _CLIP["dropout"]  # attention and feed-forward dropout in both encoders
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..attention import flex
-from ..config import to_dict
+from ..config import constructor_defaults, to_dict
 from ..data.stream import TokenStream
 from ..data.tokenizer import CaptionTokenizer
 from ..models.dalle import DALLE
@@ -25,29 +25,33 @@ from .metrics import dalle_flops_per_token
 from .trainer import LoggingConfig, RunConfig, Trainer, add_common_arguments, stream_config
 
 
+_DALLE = constructor_defaults(DALLE)
+
+
 @dataclass
 class DalleModelConfig:
-    """DALLE's architecture (its vae and text vocabulary come from --vae and --tokenizer)."""
+    """DALLE's architecture (its vae and text vocabulary come from --vae and --tokenizer); the
+    defaults are DALLE's own, but for the sizes it requires."""
 
     dim: int = 512  # model width
     depth: int = 12  # transformer layers
-    heads: int = 8  # attention heads
-    dim_head: int = 64  # width of each head
-    ff_mult: int = 4  # feed-forward width multiple
-    text_seq_len: int = 64  # caption tokens (longer captions are cut; counted)
-    attn_types: list[str] = field(default_factory=lambda: ["full"])  # cycled over layers
-    reversible: bool = False  # RevNet layers: activation memory flat in depth
-    attn_dropout: float = 0.0  # dropout on attention weights
-    ff_dropout: float = 0.0  # dropout inside the feed-forward
-    loss_img_weight: float = 7.0  # loss = (text + w * image) / (w + 1)
-    stable: bool = False  # PB-relax before the final LayerNorm
-    sandwich_norm: bool = False  # LayerNorm after each branch too
-    null_cond_prob: float = 0.1  # drop captions this often: trains classifier-free guidance
-    conv_kernel_size: int = 5  # window of conv_like layers
-    sparse_block_size: int = 16  # block-sparse layers: block size,
-    sparse_local_blocks: int = 4  # local window in blocks,
-    sparse_stride: int = 8  # and every stride-th block as a summary
-    checkpoint_activations: bool = False  # recompute activations in backward: less memory, ~1/3 more compute
+    heads: int = _DALLE["heads"]  # attention heads
+    dim_head: int = _DALLE["dim_head"]  # width of each head
+    ff_mult: int = _DALLE["ff_mult"]  # feed-forward width multiple
+    text_seq_len: int = _DALLE["text_seq_len"]  # caption tokens (longer captions are cut; counted)
+    attn_types: list[str] = field(default_factory=lambda: ["full"])  # cycled over layers (DALLE's None)
+    reversible: bool = _DALLE["reversible"]  # RevNet layers: activation memory flat in depth
+    attn_dropout: float = _DALLE["attn_dropout"]  # dropout on attention weights
+    ff_dropout: float = _DALLE["ff_dropout"]  # dropout inside the feed-forward
+    loss_img_weight: float = _DALLE["loss_img_weight"]  # loss = (text + w * image) / (w + 1)
+    stable: bool = _DALLE["stable"]  # PB-relax before the final LayerNorm
+    sandwich_norm: bool = _DALLE["sandwich_norm"]  # LayerNorm after each branch too
+    null_cond_prob: float = _DALLE["null_cond_prob"]  # drop captions this often: > 0 trains classifier-free guidance
+    conv_kernel_size: int = _DALLE["conv_kernel_size"]  # window of conv_like layers
+    sparse_block_size: int = _DALLE["sparse_block_size"]  # block-sparse layers: block size,
+    sparse_local_blocks: int = _DALLE["sparse_local_blocks"]  # local window in blocks,
+    sparse_stride: int = _DALLE["sparse_stride"]  # and every stride-th block as a summary
+    checkpoint_activations: bool = _DALLE["checkpoint_activations"]  # recompute activations in backward: less memory, ~1/3 more compute
 
 
 @dataclass

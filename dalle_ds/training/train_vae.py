@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..config import to_dict
+from ..config import constructor_defaults, to_dict
 from ..data.images import images_to_float
 from ..data.stream import ImageTextStream
 from ..models.vae import DiscreteVAE
@@ -24,20 +24,23 @@ from .metrics import codebook_usage, training_flops
 from .trainer import LoggingConfig, RunConfig, Trainer, add_common_arguments, stream_config
 
 
+_VAE = constructor_defaults(DiscreteVAE)
+
+
 @dataclass
 class VaeModelConfig:
-    """DiscreteVAE's architecture and loss."""
+    """DiscreteVAE's architecture and loss; the defaults are DiscreteVAE's own."""
 
-    image_size: int = 256  # images are resized (shorter side) and centre-cropped to this
-    num_tokens: int = 8192  # codebook size: DALL-E's image vocabulary
-    codebook_dim: int = 512  # width of each codebook vector
-    num_layers: int = 3  # stride-2 stages: the code grid is image_size / 2**num_layers
-    num_resnet_blocks: int = 2  # residual blocks after the encoder and before the decoder
-    hidden_dim: int = 256  # conv channels
-    smooth_l1_loss: bool = False  # reconstruction loss smooth L1 instead of MSE
-    temperature: float = 1.0  # Gumbel-softmax temperature at step 0 (annealed, see anneal.*)
-    straight_through: bool = False  # hard one-hot samples forward, soft gradients
-    kl_div_loss_weight: float = 0.0  # weight of KL(q(z|x) || uniform): spreads codebook use
+    image_size: int = _VAE["image_size"]  # images are resized (shorter side) and centre-cropped to this
+    num_tokens: int = _VAE["num_tokens"]  # codebook size: DALL-E's image vocabulary (OpenAI's dVAE: 8192)
+    codebook_dim: int = _VAE["codebook_dim"]  # width of each codebook vector
+    num_layers: int = _VAE["num_layers"]  # stride-2 stages: the code grid is image_size / 2**num_layers
+    num_resnet_blocks: int = _VAE["num_resnet_blocks"]  # residual blocks after the encoder and before the decoder
+    hidden_dim: int = _VAE["hidden_dim"]  # conv channels
+    smooth_l1_loss: bool = _VAE["smooth_l1_loss"]  # reconstruction loss smooth L1 instead of MSE
+    temperature: float = _VAE["temperature"]  # Gumbel-softmax temperature at step 0 (annealed, see anneal.*)
+    straight_through: bool = _VAE["straight_through"]  # hard one-hot samples forward, soft gradients
+    kl_div_loss_weight: float = _VAE["kl_div_loss_weight"]  # weight of KL(q(z|x) || uniform): spreads codebook use
 
 
 @dataclass

@@ -36,10 +36,13 @@ from .optim import OptimConfig
 
 @dataclass
 class DataConfig:
-    shuffle_buffer: int = 2_000  # samples mixed across shards by each data worker
-    num_workers: int = 2  # DataLoader workers per rank (0: read in the training process)
-    resampled: bool = False  # draw shards with replacement, weighting sources (a::0.7,b::0.3)
-    epoch_samples: int | None = None  # resampled mode: samples per epoch, all ranks together
+    """The stream's settings a run chooses (batch size and seed come from ``train``); the defaults
+    are StreamConfig's."""
+
+    shuffle_buffer: int = StreamConfig.shuffle_buffer  # samples mixed across shards by each data worker
+    num_workers: int = StreamConfig.num_workers  # DataLoader workers per rank (0: read in the training process)
+    resampled: bool = StreamConfig.resampled  # draw shards with replacement, weighting sources (a::0.7,b::0.3)
+    epoch_samples: int | None = StreamConfig.epoch_samples  # resampled mode: samples per epoch, all ranks together
 
 
 @dataclass
