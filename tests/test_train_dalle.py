@@ -133,9 +133,10 @@ def test_two_ranks_killed_mid_training_resume_the_same_losses(inputs, tmp_path):
 ENGINE_LOGITS = """
 import argparse, json, sys, torch
 from dalle_ds.training.train_dalle import DalleTrainer, add_arguments
+from dalle_ds.training.trainer import config_from_args
 parser = argparse.ArgumentParser()
 add_arguments(parser)
-trainer = DalleTrainer(parser.parse_args(sys.argv[1:]))  # --resume: the engine loads the checkpoint
+trainer = DalleTrainer(config_from_args(DalleTrainer, parser.parse_args(sys.argv[1:])))  # --resume: loads the checkpoint
 trainer.engine.eval()
 torch.manual_seed(0)
 text, codes = torch.randint(1, trainer.model.num_text_tokens, (2, 8)), torch.randint(0, 32, (2, 15))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from data_fixtures import write_corpus
 from dalle_ds.data.tokenizer import train_tokenizer
@@ -121,8 +122,8 @@ ENGINE_OUTPUT = """
 import argparse, json, sys, torch
 from dalle_ds.cli import build_parser
 from dalle_ds.training.train_{job} import {cls}
-args = build_parser().parse_args(sys.argv[1:])
-trainer = {cls}(args)  # --resume: the engine loads the checkpoint
+from dalle_ds.training.trainer import config_from_args
+trainer = {cls}(config_from_args({cls}, build_parser().parse_args(sys.argv[1:])))  # --resume: the engine loads the checkpoint
 trainer.engine.eval()
 torch.manual_seed(0)
 images = torch.rand(2, 3, 16, 16)
@@ -161,7 +162,8 @@ POISONED = """
 import json, sys, torch
 from dalle_ds.cli import build_parser
 from dalle_ds.training.train_vae import VaeTrainer
-trainer = VaeTrainer(build_parser().parse_args(sys.argv[1:]))
+from dalle_ds.training.trainer import config_from_args
+trainer = VaeTrainer(config_from_args(VaeTrainer, build_parser().parse_args(sys.argv[1:])))
 calls = []
 def poison(grad):  # the loss stays finite; one backward's gradient does not
     calls.append(1)
@@ -187,3 +189,23 @@ def test_non_finite_gradients_step_after_step_stop_the_run(inputs, tmp_path):
                           env={**os.environ, "DS_ACCELERATOR": "cpu"}, timeout=300)
     assert done.returncode != 0
     assert "2 optimizer steps with non-finite gradients (skipped by DeepSpeed) in a row at step 1" in done.stderr
+
+
+def test_a_trainer_runs_from_a_config_file_alone(inputs, tmp_path):
+    """The run config holds everything, the input paths included: a YAML file alone is a run, and
+    the run folder's resolved config is one too (the command line only fills a config)."""
+    from dalle_ds.config import apply_overrides
+
+    settings = apply_overrides({}, [*COMMON, *TINY["train-clip"], "train.steps=2", "train.deepspeed_config="
+                                    f"{ROOT / 'ds_configs' / 'zero0.json'}",
+                                    f"paths.data={inputs / 'raw'}", f"paths.tokenizer={inputs / 'tok.model'}",
+                                    f"paths.out={tmp_path / 'run'}"])
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(settings))
+    assert "train-clip: 2 steps" in run([sys.executable, "-m", MODULES["train-clip"], "--config", str(tmp_path / "run.yaml")])
+    resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert resolved["paths"] == {"data": str(inputs / "raw"), "tokenizer": str(inputs / "tok.model"),
+                                 "out": str(tmp_path / "run")}
+    resolved["train"]["steps"], resolved["checkpoint"]["resume"] = 3, True
+    (tmp_path / "more.yaml").write_text(yaml.safe_dump(resolved))
+    assert "train-clip: 3 steps" in run([sys.executable, "-m", MODULES["train-clip"], "--config", str(tmp_path / "more.yaml")])
+    assert sorted(rows(tmp_path / "run")) == [1, 2, 3]  # resumed at step 2, from the file's resume flag

@@ -21,7 +21,7 @@ from ..data.stream import ImageTextStream
 from ..data.tokenizer import CaptionTokenizer
 from ..models.clip import CLIP
 from .metrics import training_flops
-from .trainer import LoggingConfig, RunConfig, Trainer, add_common_arguments, stream_config
+from .trainer import LoggingConfig, PathsConfig, RunConfig, Trainer, add_common_arguments, stream_config
 
 
 _CLIP = constructor_defaults(CLIP)
@@ -53,7 +53,13 @@ class ClipLoggingConfig(LoggingConfig):
 
 
 @dataclass
+class ClipPathsConfig(PathsConfig):
+    tokenizer: str = ""  # the sentencepiece .model for the captions
+
+
+@dataclass
 class ClipRunConfig(RunConfig):
+    paths: ClipPathsConfig = field(default_factory=ClipPathsConfig)
     model: ClipModelConfig = field(default_factory=ClipModelConfig)
     logging: ClipLoggingConfig = field(default_factory=ClipLoggingConfig)
 
@@ -81,10 +87,10 @@ class ClipTrainer(Trainer):
 
     def check_inputs(self) -> None:
         super().check_inputs()
-        CaptionTokenizer(self.args.tokenizer)
+        CaptionTokenizer(self.config.paths.tokenizer)
 
     def build_model(self) -> CLIP:
-        self.tokenizer = CaptionTokenizer(self.args.tokenizer)
+        self.tokenizer = CaptionTokenizer(self.config.paths.tokenizer)
         return CLIP(num_text_tokens=self.tokenizer.vocab_size, **to_dict(self.config.model))
 
     def measure_flops_per_token(self) -> float:
@@ -99,8 +105,8 @@ class ClipTrainer(Trainer):
         return m.text_seq_len + (m.visual_image_size // m.visual_patch_size) ** 2
 
     def build_stream(self) -> ImageTextStream:
-        return ImageTextStream(self.args.data, self.config.model.visual_image_size, stream_config(self.config),
-                               tokenizer_path=self.args.tokenizer, text_seq_len=self.config.model.text_seq_len,
+        return ImageTextStream(self.config.paths.data, self.config.model.visual_image_size, stream_config(self.config),
+                               tokenizer_path=self.config.paths.tokenizer, text_seq_len=self.config.model.text_seq_len,
                                rank=self.env.rank, world_size=self.env.world_size)
 
     def prepare(self) -> None:
@@ -127,10 +133,9 @@ class ClipTrainer(Trainer):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True,
-                   help="raw image-text shards: a folder, glob or brace pattern (shards/{00000..00099}.tar), "
-                        "or a::0.7,b::0.3 with data.resampled=true")
-    p.add_argument("--tokenizer", required=True, help="the sentencepiece .model for the captions")
+    p.add_argument("--data", help="raw image-text shards: a folder, glob or brace pattern (shards/{00000..00099}.tar), "
+                                  "or a::0.7,b::0.3 with data.resampled=true (paths.data)")
+    p.add_argument("--tokenizer", help="the sentencepiece .model for the captions (paths.tokenizer)")
     add_common_arguments(p)
 
 

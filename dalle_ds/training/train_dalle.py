@@ -22,7 +22,7 @@ from ..models.pretrained import model_fingerprint
 from ..models.vae import DiscreteVAE
 from .export import load_trained, trained_record
 from .metrics import dalle_flops_per_token
-from .trainer import LoggingConfig, RunConfig, Trainer, add_common_arguments, stream_config
+from .trainer import LoggingConfig, PathsConfig, RunConfig, Trainer, add_common_arguments, stream_config
 
 
 _DALLE = constructor_defaults(DALLE)
@@ -62,7 +62,14 @@ class DalleLoggingConfig(LoggingConfig):
 
 
 @dataclass
+class DallePathsConfig(PathsConfig):
+    tokenizer: str = ""  # the sentencepiece .model the captions use
+    vae: str = ""  # the dVAE the token shards were made with: an export or a train-vae run folder
+
+
+@dataclass
 class DalleRunConfig(RunConfig):
+    paths: DallePathsConfig = field(default_factory=DallePathsConfig)
     model: DalleModelConfig = field(default_factory=DalleModelConfig)
     logging: DalleLoggingConfig = field(default_factory=DalleLoggingConfig)
 
@@ -79,12 +86,12 @@ class DalleTrainer(Trainer):
 
     def check_inputs(self) -> None:
         super().check_inputs()
-        CaptionTokenizer(self.args.tokenizer)
-        trained_record(self.args.vae, DiscreteVAE)
+        CaptionTokenizer(self.config.paths.tokenizer)
+        trained_record(self.config.paths.vae, DiscreteVAE)
 
     def build_model(self) -> DALLE:
-        self.tokenizer = CaptionTokenizer(self.args.tokenizer)
-        vae = load_trained(self.args.vae, DiscreteVAE)[0]
+        self.tokenizer = CaptionTokenizer(self.config.paths.tokenizer)
+        vae = load_trained(self.config.paths.vae, DiscreteVAE)[0]
         self.vae_fingerprint = model_fingerprint(vae)
         return DALLE(vae=vae, num_text_tokens=self.tokenizer.vocab_size, **to_dict(self.config.model))
 
@@ -92,7 +99,7 @@ class DalleTrainer(Trainer):
         return dalle_flops_per_token(self.model)
 
     def build_stream(self) -> TokenStream:
-        return TokenStream(self.args.data, self.args.tokenizer, self.config.model.text_seq_len,
+        return TokenStream(self.config.paths.data, self.config.paths.tokenizer, self.config.model.text_seq_len,
                            stream_config(self.config), rank=self.env.rank, world_size=self.env.world_size,
                            vae_fingerprint=self.vae_fingerprint)
 
@@ -128,11 +135,10 @@ class DalleTrainer(Trainer):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="token-shard folder (from pretokenize), or a::0.7,b::0.3 with "
-                                                 "data.resampled=true")
-    p.add_argument("--tokenizer", required=True, help="the sentencepiece .model the captions use")
-    p.add_argument("--vae", required=True,
-                   help="the dVAE the token shards were made with (export or train-vae run folder)")
+    p.add_argument("--data", help="token-shard folder (from pretokenize), or a::0.7,b::0.3 with "
+                                  "data.resampled=true (paths.data)")
+    p.add_argument("--tokenizer", help="the sentencepiece .model the captions use (paths.tokenizer)")
+    p.add_argument("--vae", help="the dVAE the token shards were made with (export or train-vae run folder; paths.vae)")
     add_common_arguments(p)
 
 

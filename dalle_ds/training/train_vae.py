@@ -83,7 +83,7 @@ class VaeTrainer(Trainer):
         return flops / self.model.grid_size**2
 
     def build_stream(self) -> ImageTextStream:
-        return ImageTextStream(self.args.data, self.model.image_size, stream_config(self.config),
+        return ImageTextStream(self.config.paths.data, self.model.image_size, stream_config(self.config),
                                rank=self.env.rank, world_size=self.env.world_size)
 
     def prepare(self) -> None:
@@ -127,9 +127,8 @@ class VaeTrainer(Trainer):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True,
-                   help="raw image-text shards: a folder, glob or brace pattern (shards/{00000..00099}.tar), "
-                        "or a::0.7,b::0.3 with data.resampled=true")
+    p.add_argument("--data", help="raw image-text shards: a folder, glob or brace pattern (shards/{00000..00099}.tar), "
+                                  "or a::0.7,b::0.3 with data.resampled=true (paths.data)")
     add_common_arguments(p)
 
 

@@ -60,6 +60,7 @@ class TrainConfig:
 class CheckpointConfig:
     every_steps: int = 1_000  # also on SIGTERM / SIGUSR1 (preemption)
     keep_last: int = 3  # older checkpoints are deleted
+    resume: bool = False  # continue from the run folder's latest checkpoint (--resume)
 
 
 @dataclass
@@ -69,10 +70,20 @@ class LoggingConfig:
 
 
 @dataclass
+class PathsConfig:
+    """What a run reads and where it writes (the command line's --data and --out set them)."""
+
+    data: str = ""  # shards: a folder, glob or brace pattern, or weighted sources a::0.7,b::0.3
+    out: str = ""  # the run folder: resolved config, checkpoints, TensorBoard logs
+
+
+@dataclass
 class RunConfig:
     """The components every trainer shares; a trainer's run config adds ``model`` (and its own
-    sections) and may widen ``logging``."""
+    sections) and may widen ``logging`` and ``paths``. A trainer is built from one: from Python,
+    from a YAML file alone, or from the command line (``config_from_args``)."""
 
+    paths: PathsConfig = field(default_factory=PathsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -162,16 +173,15 @@ class Trainer:
     config_class: type
     loss_names: tuple[str, ...] = ("loss/total",)
 
-    def __init__(self, args: argparse.Namespace):
-        self.args, self.env = args, dist_env()
+    def __init__(self, config):
+        self.config, self.env = config, dist_env()
         for category, message in _NOISE:
             warnings.filterwarnings("ignore", message=message, category=category)
-        # every check that reads only the command line and files comes before the heavy start-up
-        self.config = load_config(self.config_class, args.config, args.overrides)
+        # every check that reads only the config and files comes before the heavy start-up
         self.check_config()
         self.check_inputs()
         init_distributed(self.env)
-        self.run_dir = Path(args.out)
+        self.run_dir = Path(config.paths.out)
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_resolved(self.config, self.run_dir)
@@ -180,7 +190,7 @@ class Trainer:
         torch.manual_seed(train.seed)  # the same initial weights on every rank
         self.model = self.build_model()
         if self.env.is_main:
-            write_model_config(self.model, self.run_dir, getattr(self.args, "tokenizer", None))
+            write_model_config(self.model, self.run_dir, getattr(self.config.paths, "tokenizer", None))
         self.flops_per_token = self.measure_flops_per_token()  # reads the full weights: before ZeRO-3 splits them
         self.batch = batch_layout(train.micro_batch, self.env.world_size, train.global_batch, train.grad_accumulation)
         self._build_engine()
@@ -191,7 +201,7 @@ class Trainer:
                             "data settings")
         self.progress = Progress()
         self.prepare()
-        if args.resume:
+        if self.config.checkpoint.resume:
             self._resume()
         self.metrics = MetricsWriter(self.run_dir, self.env.is_main)
         self.preemption = _Preemption()
@@ -335,6 +345,9 @@ class Trainer:
     def check_config(self) -> None:
         """ValueError for settings no run can use (each trainer adds its own)."""
         c = self.config
+        unset = [f"paths.{name} (--{name})" for name, value in vars(c.paths).items() if not value]
+        if unset:
+            raise ValueError(f"{', '.join(unset)} not set: give them on the command line or in the config")
         counts = {"train.steps": c.train.steps, "train.max_bad_steps": c.train.max_bad_steps,
                   "logging.every_steps": c.logging.every_steps, "checkpoint.every_steps": c.checkpoint.every_steps,
                   "checkpoint.keep_last": c.checkpoint.keep_last}
@@ -345,7 +358,7 @@ class Trainer:
     def check_inputs(self) -> None:
         """ValueError for an input path that cannot be used (each trainer checks its own), before
         the process group, DeepSpeed or any model starts. Here: the data patterns match shards."""
-        parse_sources(self.args.data)
+        parse_sources(self.config.paths.data)
 
     def build_model(self) -> torch.nn.Module:
         raise NotImplementedError
@@ -382,13 +395,26 @@ class Trainer:
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="run folder: resolved config, checkpoints, TensorBoard logs")
+    p.add_argument("--out", help="run folder: resolved config, checkpoints, TensorBoard logs (paths.out)")
     p.add_argument("--config", default=None, help="YAML or JSON run config (see the README's config reference)")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run folder's latest checkpoint (checkpoint.resume)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-4")
 
 
+def config_from_args(trainer_class: type[Trainer], args: argparse.Namespace):
+    """The run config of a command line: --config, then key=value overrides, then the path flags
+    given (each sets its ``paths.*``) and --resume."""
+    config = load_config(trainer_class.config_class, args.config, args.overrides)
+    for name in vars(config.paths):
+        if getattr(args, name, None) is not None:
+            setattr(config.paths, name, getattr(args, name))
+    if args.resume:
+        config.checkpoint.resume = True
+    return config
+
+
 def run(trainer_class: type[Trainer], args: argparse.Namespace) -> str:
-    trainer = trainer_class(args)
+    trainer = trainer_class(config_from_args(trainer_class, args))
     trainer.train()
     return trainer.summary() if trainer.env.is_main else ""  # one summary per run, not per rank
