@@ -1,6 +1,6 @@
 """One home for each default: the trainers' model configs take the model constructors' defaults,
 the data config the stream's, the patterns' options their constructors', and the README's config
-reference shows what the code holds."""
+reference (docs/configuration.md) shows what the code holds."""
 
 import dataclasses
 import inspect
@@ -20,7 +20,7 @@ from dalle_ds.training.train_dalle import DalleModelConfig, DalleRunConfig
 from dalle_ds.training.train_vae import VaeModelConfig, VaeRunConfig
 from dalle_ds.training.trainer import DataConfig, RunConfig
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 # sizes DALLE requires (no default there) and a list the constructor spells None
 OWN_DEFAULTS = {"dim", "depth", "attn_types"}
 
@@ -49,11 +49,10 @@ def test_dalle_pattern_options_are_the_patterns_defaults():
             parameters["sparse_stride"].default) == (sparse.block_size, sparse.local_blocks, sparse.stride)
 
 
-def readme_reference() -> dict[str, dict[str, object]]:
+def reference_tables() -> dict[str, dict[str, object]]:
     """The config reference's tables: heading -> {key: default}."""
-    text = README.read_text().split("### Config reference", 1)[1].split("\n## ", 1)[0]
     tables = {}
-    for heading, body in re.findall(r"#### (.+?)\n(.*?)(?=\n#### |\Z)", text, flags=re.S):
+    for heading, body in re.findall(r"^## (.+?)\n(.*?)(?=^## |\Z)", REFERENCE.read_text(), flags=re.S | re.M):
         rows = re.findall(r"^\| `([^`]+)` \| `([^`]*)` \|", body, flags=re.M)
         tables[heading.strip()] = {key: _value(text) for key, text in rows}
     return tables
@@ -72,8 +71,8 @@ def flat_defaults(config) -> dict[str, object]:
     return {f"{section}.{key}": value for section, values in data.items() for key, value in values.items()}
 
 
-def test_the_readme_config_reference_shows_every_key_and_its_default():
-    tables, shared = readme_reference(), flat_defaults(RunConfig())
+def test_the_config_reference_shows_every_key_and_its_default():
+    tables, shared = reference_tables(), flat_defaults(RunConfig())
     assert tables["Shared by every trainer"] == shared
     for heading, config in (("train-dalle", DalleRunConfig), ("train-vae", VaeRunConfig), ("train-clip", ClipRunConfig)):
         own = {key: value for key, value in flat_defaults(config()).items() if shared.get(key, object()) != value}

@@ -396,7 +396,7 @@ class Trainer:
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="run folder: resolved config, checkpoints, TensorBoard logs (paths.out)")
-    p.add_argument("--config", default=None, help="YAML or JSON run config (see the README's config reference)")
+    p.add_argument("--config", default=None, help="YAML or JSON run config (keys: docs/configuration.md)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the run folder's latest checkpoint (checkpoint.resume)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-4")
