@@ -268,3 +268,8 @@ def test_trainers_reject_bad_inputs_before_any_heavy_start_up(tmp_path, monkeypa
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(message, err), err
+
+
+def test_a_trainer_without_its_paths_names_the_flags_and_keys(tmp_path, capsys):
+    assert main(["train-dalle", "--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    assert "paths.tokenizer (--tokenizer), paths.vae (--vae) not set" in capsys.readouterr().err
