@@ -26,9 +26,9 @@ from . import flex, native
 from .patterns import AttentionPattern
 
 # Full attention runs the fused CPU kernel (blockwise: FullPattern.groups) up to this many positions:
-# fwd+bwd against torch's CPU flash SDPA (benchmarks/bench_attention.py's shapes, 2 threads) it
-# took 0.5x the time at 320 positions (head dim 32), 0.65-0.8x at 1088-1280, about the same at
-# 2192, 1.03-1.25x at 4352.
+# fwd+bwd against torch's CPU flash SDPA (2 threads) it took 0.5x the time at 320 positions
+# (head dim 32), 0.65-0.8x at 1088-1280, about the same at 2192, 1.03-1.25x at 4352; at the
+# demo's 160 positions on one thread per rank, 0.8x.
 FULL_KERNEL_MAX_LEN = 1536
 # Devices where a sparse layer at the training length runs FlexAttention (``flex.py``). CPU has
 # no FlexAttention backward; the tests add it to run the compiled forward there.

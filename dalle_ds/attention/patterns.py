@@ -114,9 +114,8 @@ class FullPattern(AttentionPattern):
         # Blockwise causal attention: each block of queries scores every earlier image key as
         # shared (unmasked) keys and its own block under the causal mask, one bucket per block.
         n, size = self.layout.image_len, self.group_queries
-        return [GroupBucket(_pad_out_of_range(torch.arange(start, start + size), n)[None],
-                            _pad_out_of_range(torch.arange(start, start + size), n)[None], torch.arange(start))
-                for start in range(0, n, size)]
+        blocks = [torch.arange(start, min(start + size, n))[None] for start in range(0, n, size)]
+        return [GroupBucket(block, block, torch.arange(block[0, 0])) for block in blocks]  # the last one shorter
 
 
 class AxialRowPattern(AttentionPattern):
