@@ -234,8 +234,8 @@ def _run_eval(args):
 
 
 def _add_demo(sub):
-    p = sub.add_parser("demo", help="the quickstart: demo data -> tokenizer -> dVAE -> DALL-E (2 ranks) -> CLIP -> "
-                                    "images for held-out captions -> eval")
+    p = sub.add_parser("demo", help="the quickstart: demo data -> tokenizer -> dVAE -> DALL-E (a rank per GPU, "
+                                    "else 2) -> CLIP -> images for held-out captions -> eval")
     p.add_argument("--out", required=True, help="folder for everything the demo makes")
     p.add_argument("--ranks", type=int, default=None,
                    help="DALL-E training processes (default: one per GPU, else 2); any count trains the same "

@@ -51,7 +51,8 @@ class DalleModelConfig:
     sparse_block_size: int = _DALLE["sparse_block_size"]  # block-sparse layers: block size,
     sparse_local_blocks: int = _DALLE["sparse_local_blocks"]  # local window in blocks,
     sparse_stride: int = _DALLE["sparse_stride"]  # and every stride-th block as a summary
-    checkpoint_activations: bool = _DALLE["checkpoint_activations"]  # recompute activations in backward: less memory, ~1/3 more compute
+    # recompute activations in backward: less memory, ~1/3 more compute
+    checkpoint_activations: bool = _DALLE["checkpoint_activations"]
 
 
 @dataclass
@@ -116,7 +117,8 @@ class DalleTrainer(Trainer):
 
     def extra_logs(self) -> dict:
         """This rank's FlexAttention compiles and sparse calls that could not use it (see attention/flex.py)."""
-        return {"attention/flex_compiles": flex.COUNTS["compiles"], "attention/unfused_calls": flex.COUNTS["unfused_calls"]}
+        return {"attention/flex_compiles": flex.COUNTS["compiles"],
+                "attention/unfused_calls": flex.COUNTS["unfused_calls"]}
 
     def stability_hint(self) -> str:
         return ", or model.stable=true"

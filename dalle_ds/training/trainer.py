@@ -338,7 +338,8 @@ class Trainer:
     def summary(self) -> str:
         return (f"{self.command}: {self.progress.step} steps, {self.progress.samples} samples, "
                 f"{self.progress.skipped_micro_batches} micro-batches skipped; checkpoints in "
-                f"{self.run_dir / checkpoint.CHECKPOINTS}, TensorBoard: tensorboard --logdir {self.run_dir / 'tensorboard'}")
+                f"{self.run_dir / checkpoint.CHECKPOINTS}, "
+                f"TensorBoard: tensorboard --logdir {self.run_dir / 'tensorboard'}")
 
     # ---- what each trainer says -------------------------------------------------------------
 
