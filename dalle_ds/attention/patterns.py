@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import constructor_defaults
+
 
 @dataclass(frozen=True)
 class SequenceLayout:
@@ -265,7 +267,5 @@ def build_pattern(attn_type: str, layout: SequenceLayout, **options) -> Attentio
 
 def pattern_default(option: str):
     """The default of a model option (e.g. ``"sparse_stride"``): its pattern constructor's."""
-    import inspect
-
     cls, names = next((cls, names) for cls, names in _BUILDERS.values() if option in names)
-    return inspect.signature(cls.__init__).parameters[names[option]].default
+    return constructor_defaults(cls)[names[option]]

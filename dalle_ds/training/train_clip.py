@@ -87,10 +87,9 @@ class ClipTrainer(Trainer):
 
     def check_inputs(self) -> None:
         super().check_inputs()
-        CaptionTokenizer(self.config.paths.tokenizer)
+        self.tokenizer = CaptionTokenizer(self.config.paths.tokenizer)  # checked here, used by build_model
 
     def build_model(self) -> CLIP:
-        self.tokenizer = CaptionTokenizer(self.config.paths.tokenizer)
         return CLIP(num_text_tokens=self.tokenizer.vocab_size, **to_dict(self.config.model))
 
     def measure_flops_per_token(self) -> float:

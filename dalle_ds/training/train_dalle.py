@@ -87,11 +87,10 @@ class DalleTrainer(Trainer):
 
     def check_inputs(self) -> None:
         super().check_inputs()
-        CaptionTokenizer(self.config.paths.tokenizer)
+        self.tokenizer = CaptionTokenizer(self.config.paths.tokenizer)  # checked here, used by build_model
         trained_record(self.config.paths.vae, DiscreteVAE)
 
     def build_model(self) -> DALLE:
-        self.tokenizer = CaptionTokenizer(self.config.paths.tokenizer)
         vae = load_trained(self.config.paths.vae, DiscreteVAE)[0]
         self.vae_fingerprint = model_fingerprint(vae)
         return DALLE(vae=vae, num_text_tokens=self.tokenizer.vocab_size, **to_dict(self.config.model))
