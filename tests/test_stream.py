@@ -122,9 +122,6 @@ def test_clear_errors_instead_of_hangs(data):
         TokenStream(folder, model, TEXT_LEN, StreamConfig(num_workers=3), rank=0, world_size=4)
     with pytest.raises(ValueError, match="made with another dVAE"):
         TokenStream(folder, model, TEXT_LEN, vae_fingerprint="0" * 64)
-    stream = TokenStream(folder, model, TEXT_LEN, StreamConfig(num_workers=2))
-    with pytest.raises(ValueError, match="same number of workers"):
-        stream.load_state_dict({"epoch": 0, "consumed": [0, 0, 0], "next_worker": 0})
 
 
 def test_resume_counts_each_reject_once(tmp_path, data):
@@ -218,3 +215,65 @@ def test_a_position_only_resumes_the_same_data_and_settings(data):
         other.load_state_dict(stream.state_dict())
     with pytest.raises(ValueError, match="batch_size >= 1"):
         TokenStream(folder, model, TEXT_LEN, StreamConfig(batch_size=0))
+
+
+def _read_layout(folder, model, config, world, states=None, batches=None):
+    """Each rank's batches of (the rest of) the epoch; with ``states``, after resuming from them."""
+    streams = [TokenStream(folder, model, TEXT_LEN, config, rank=r, world_size=world) for r in range(world)]
+    for stream in streams:
+        if states is not None:
+            stream.load_state_dicts(states)
+    length = streams[0].batches_per_epoch() if batches is None else batches
+    return [take(stream, length) for stream in streams], streams
+
+
+@pytest.mark.parametrize("layouts", [[(2, 2), (1, 1)], [(1, 1), (2, 2)], [(2, 1), (3, 1), (1, 2)]])
+def test_an_elastic_resume_reads_the_rest_of_the_epoch_once(data, layouts):
+    """Stopped part way into an epoch on (ranks, workers), resumed on others: no sample twice,
+    and only a tail short of the new readers' batches left unread."""
+    folder, model = data
+    batch, config_of = 2, lambda workers: StreamConfig(batch_size=batch, shuffle_buffer=6, num_workers=workers, seed=4)
+    seen, states = [], None
+    for hop, (world, workers) in enumerate(layouts):
+        last = hop == len(layouts) - 1
+        config = config_of(workers)
+        probe = TokenStream(folder, model, TEXT_LEN, config, rank=0, world_size=world)
+        if states is not None:
+            probe.load_state_dicts(states)
+        stop = None if last else max(1, probe.batches_per_epoch() // 2)
+        read, streams = _read_layout(folder, model, config, world, states, stop)
+        seen += [i for rank in read for b in rank for i in ids(b)]
+        states = [stream.state_dict() for stream in streams]
+    assert len(seen) == len(set(seen)), "a sample was read twice"
+    world, workers = layouts[-1]
+    unread = sum(SHARD_SIZES) - len(seen)
+    assert 0 <= unread < world * workers * (batch + max(SHARD_SIZES)), unread
+    # the next epoch is the new layout's own, as if it had run from the start
+    fresh = [TokenStream(folder, model, TEXT_LEN, config_of(workers), rank=r, world_size=world) for r in range(world)]
+    expected = [take(s, s.batches_per_epoch(0) + s.batches_per_epoch(1))[s.batches_per_epoch(0):] for s in fresh]
+    next_epoch, _ = _read_layout(folder, model, config_of(workers), world, states, len(expected[0]))
+    assert [[ids(b) for b in rank] for rank in next_epoch] == [[ids(b) for b in rank] for rank in expected]
+
+
+def test_a_same_layout_resume_after_an_elastic_one_is_exact(data):
+    folder, model = data
+    config = StreamConfig(batch_size=2, shuffle_buffer=6, num_workers=2, seed=4)
+    old = [TokenStream(folder, model, TEXT_LEN, config, rank=r, world_size=2) for r in range(2)]
+    for stream in old:
+        take(stream, 3)
+    states = [stream.state_dict() for stream in old]
+
+    def resumed():
+        stream = TokenStream(folder, model, TEXT_LEN, config)
+        stream.load_state_dicts(states)
+        return stream
+
+    straight = take(resumed(), 12)  # into the next epoch
+    first = resumed()
+    head = take(first, 2)
+    again = TokenStream(folder, model, TEXT_LEN, config)
+    again.load_state_dict(first.state_dict())
+    assert [ids(b) for b in head + take(again, 10)] == [ids(b) for b in straight]
+    other = TokenStream(folder, model, TEXT_LEN, StreamConfig(batch_size=2, shuffle_buffer=6, num_workers=2, seed=5))
+    with pytest.raises(ValueError, match="belongs to other data or settings"):
+        other.load_state_dicts(states)

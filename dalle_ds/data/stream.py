@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import heapq
 import itertools
 import json
 import random
@@ -65,6 +66,9 @@ class StreamState:
     consumed: list[int] = field(default_factory=list)  # batches consumed this epoch, per logical worker
     positions: list[int] = field(default_factory=list)  # raw samples drawn this epoch, per logical worker
     next_worker: int = 0  # the logical worker whose batch comes next
+    # Earlier stretches of this epoch, read by another layout of ranks x workers (an elastic
+    # resume): each {"world", "workers", "positions": per rank, per worker, "batches": per rank}
+    history: list[dict] = field(default_factory=list)
 
     @classmethod
     def start(cls, epoch: int, workers: int) -> "StreamState":
@@ -109,6 +113,7 @@ class Pixels:
 class _WorkerPlan:
     shards: "list[str] | _ShardSampler"  # what the worker reads, in order
     batches: int  # full batches it can give this epoch
+    keep: dict[str, list[int]] | None = None  # after an elastic resume: the samples of each shard still to read
 
 
 class _ShardSampler:
@@ -126,17 +131,29 @@ class _ShardSampler:
             yield rng.choices([p for p, _ in source.shards], [n for _, n in source.shards])[0]
 
 
+def _seed(config: StreamConfig, epoch: int, segment: int, *where) -> str:
+    """The seed of one random stage: (seed, epoch, rank, worker, ...); a stretch of the epoch
+    after an elastic resume (segment > 0) draws anew."""
+    stretch = f"/{segment}" if segment else ""
+    return "/".join(map(str, (config.seed, f"{epoch}{stretch}", *where)))
+
+
+def _epoch_order(sources: list[CountedSource], config: StreamConfig, epoch: int) -> list[tuple[str, int]]:
+    order = [shard for source in sources for shard in source.shards]
+    random.Random(f"{config.seed}/{epoch}").shuffle(order)  # identical on all ranks
+    return order
+
+
 def _epoch_plans(sources: list[CountedSource], config: StreamConfig, epoch: int, rank: int, world: int,
-                 workers: int) -> tuple[list[_WorkerPlan], int]:
+                 workers: int, segment: int = 0) -> tuple[list[_WorkerPlan], int]:
     """This rank's logical workers' plans for ``epoch``, and the epoch length in batches: the
     same on every rank (in finite mode the smallest rank's)."""
     if config.resampled:
         total = config.epoch_samples or sum(n for s in sources for _, n in s.shards)
         length = total // (world * config.batch_size)
-        seeds = [f"{config.seed}/{epoch}/{rank}/{w}/shards" for w in range(workers)]
+        seeds = [_seed(config, epoch, segment, rank, w, "shards") for w in range(workers)]
         return [_WorkerPlan(_ShardSampler(sources, seed), length) for seed in seeds], length
-    order = [shard for source in sources for shard in source.shards]
-    random.Random(f"{config.seed}/{epoch}").shuffle(order)  # identical on all ranks
+    order = _epoch_order(sources, config, epoch)
 
     def plans_of(r):
         mine = order[r::world]
@@ -145,6 +162,83 @@ def _epoch_plans(sources: list[CountedSource], config: StreamConfig, epoch: int,
 
     length = min(sum(p.batches for p in plans_of(r)) for r in range(world))
     return plans_of(rank), length
+
+
+def _buffer_shuffle(items, size: int, rng: random.Random):
+    """A shuffle buffer of ``size`` over ``items``, in which None ends a pass: a pass's items
+    all come out before the next pass's. The one home of the draws a resumed run replays."""
+    buffer = []
+    for item in items:
+        if item is None:
+            rng.shuffle(buffer)
+            yield from buffer
+            buffer = []
+        elif len(buffer) < size:
+            buffer.append(item)
+        elif size:
+            i = rng.randrange(size)
+            buffer[i], item = item, buffer[i]
+            yield item
+        else:
+            yield item
+
+
+# ---- elastic resume: the rest of an epoch on another layout of ranks x workers ----------------
+
+def _layout_plans(sources: list[CountedSource], config: StreamConfig, epoch: int, history: list[dict], rank: int,
+                  world: int, workers: int) -> tuple[list[_WorkerPlan], int]:
+    """``_epoch_plans``, or after an elastic resume (``history``: the stretches read before) the
+    plans for what the epoch has left. In finite mode that is every sample no earlier stretch
+    drew, each shard dealt whole to the reader with the fewest samples so far; in resampled mode,
+    fresh draws for the samples the epoch has left."""
+    segment = len(history)
+    if not segment:
+        return _epoch_plans(sources, config, epoch, rank, world, workers)
+    if config.resampled:
+        plans, length = _epoch_plans(sources, config, epoch, rank, world, workers, segment)
+        given = sum(stretch["batches"] * stretch["world"] for stretch in history) * config.batch_size
+        length = max(length * world * config.batch_size - given, 0) // (world * config.batch_size)
+        return [dataclasses.replace(p, batches=length) for p in plans], length
+    every = _pool_plans(_remaining(sources, config, epoch, history), config.batch_size, world, workers)
+    return every[rank], min(sum(p.batches for p in plans) for plans in every)
+
+
+def _remaining(sources: list[CountedSource], config: StreamConfig, epoch: int,
+               history: list[dict]) -> list[tuple[str, list[int]]]:
+    """(shard, indices of its samples not drawn yet) in epoch order, after the stretches of
+    ``history``: each reader's draws replayed on sample indices, from the shards' counts."""
+    counts = {p: n for source in sources for p, n in source.shards}
+    order = [p for p, _ in _epoch_order(sources, config, epoch)]
+    pool = [(p, list(range(counts[p]))) for p in order]
+    for segment, stretch in enumerate(history):
+        world, workers = stretch["world"], stretch["workers"]
+        every = ([_epoch_plans(sources, config, epoch, r, world, workers)[0] for r in range(world)] if segment == 0
+                 else _pool_plans(pool, config.batch_size, world, workers))
+        drawn = set()
+        for rank, plans in enumerate(every):
+            for worker, plan in enumerate(plans):
+                indices = ((p, j) for p in plan.shards for j in (plan.keep[p] if plan.keep else range(counts[p])))
+                rng = random.Random(_seed(config, epoch, segment, rank, worker))
+                shuffled = _buffer_shuffle(itertools.chain(indices, [None]), config.shuffle_buffer, rng)
+                drawn.update(itertools.islice(shuffled, stretch["positions"][rank][worker]))
+        pool = [(p, [j for j in indices if (p, j) not in drawn]) for p, indices in pool]
+        pool = [(p, indices) for p, indices in pool if indices]
+    return pool
+
+
+def _pool_plans(pool: list[tuple[str, list[int]]], batch_size: int, world: int,
+                workers: int) -> list[list[_WorkerPlan]]:
+    """Every rank's worker plans for a pool of samples: each shard whole to the reader
+    (rank x worker) with the fewest samples so far, in pool order."""
+    readers = [(0, reader) for reader in range(world * workers)]
+    dealt: list[list[tuple[str, list[int]]]] = [[] for _ in readers]
+    for shard, indices in pool:
+        load, reader = heapq.heappop(readers)
+        dealt[reader].append((shard, indices))
+        heapq.heappush(readers, (load + len(indices), reader))
+    plans = [_WorkerPlan([p for p, _ in mine], sum(len(i) for _, i in mine) // batch_size, dict(mine))
+             for mine in dealt]
+    return [plans[r * workers:(r + 1) * workers] for r in range(world)]
 
 
 class _EpochDataset(IterableDataset):
@@ -193,12 +287,17 @@ class _EpochDataset(IterableDataset):
     def _passes(self, logical: int, rejects: RejectCounts):
         """The worker's shards, then again, reshuffled, as often as its plan needs; None marks
         the end of each pass."""
-        shards = self.plans[logical].shards
-        rng = random.Random(f"{self.config.seed}/{self.state.epoch}/{self.rank}/{logical}/passes")
+        plan = self.plans[logical]
+        shards = plan.shards
+        rng = random.Random(self._seed(logical, "passes"))
         while True:
             read = 0
             for shard in shards:  # a resampled plan's shards never end
-                for raw in iter_shard(shard, rejects):
+                samples = iter_shard(shard, rejects)
+                if plan.keep is not None:  # the rest of an epoch after an elastic resume
+                    keep = set(plan.keep[shard])
+                    samples = (raw for j, raw in enumerate(samples) if j in keep)
+                for raw in samples:
                     read += 1
                     yield raw
             if read == 0:
@@ -208,22 +307,11 @@ class _EpochDataset(IterableDataset):
             shards = rng.sample(shards, len(shards))
 
     def _shuffled(self, logical: int, rejects: RejectCounts):
-        size = self.config.shuffle_buffer
-        rng = random.Random(f"{self.config.seed}/{self.state.epoch}/{self.rank}/{logical}")
-        buffer = []
-        for sample in self._passes(logical, rejects):
-            if sample is None:  # a pass's samples all come before the next pass's
-                rng.shuffle(buffer)
-                yield from buffer
-                buffer = []
-            elif len(buffer) < size:
-                buffer.append(sample)
-            elif size:
-                i = rng.randrange(size)
-                buffer[i], sample = sample, buffer[i]
-                yield sample
-            else:
-                yield sample
+        rng = random.Random(self._seed(logical))
+        return _buffer_shuffle(self._passes(logical, rejects), self.config.shuffle_buffer, rng)
+
+    def _seed(self, logical: int, *what) -> str:
+        return _seed(self.config, self.state.epoch, len(self.state.history), self.rank, logical, *what)
 
     def _collate(self, batch, tokenizer: CaptionTokenizer | None, logical: int, position: int,
                  rejects: RejectCounts) -> dict:
@@ -251,6 +339,10 @@ def _check_config(config: StreamConfig) -> None:
                          f"{config.batch_size}, {config.shuffle_buffer}, {config.num_workers}")
     if config.epoch_samples is not None and config.epoch_samples < 1:
         raise ValueError(f"epoch_samples must be >= 1, got {config.epoch_samples}")
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _as_is(batch):
@@ -287,33 +379,60 @@ class ShardStream:
         return self._plans(self.state.epoch if epoch is None else epoch)[1]
 
     def _plans(self, epoch: int):
-        return _epoch_plans(self.sources, self.config, epoch, self.rank, self.world_size, self.workers)
+        history = self.state.history if epoch == self.state.epoch else []
+        return _layout_plans(self.sources, self.config, epoch, history, self.rank, self.world_size, self.workers)
 
     def identity(self) -> str:
         """What a saved position is a position in: the shards, their counts and every setting
-        that orders or decodes them. Trainers can compare it across ranks too."""
+        that orders or decodes them, and the layout of ranks x workers. Trainers compare it
+        across ranks too."""
         parts = [[(p, n, s.weight) for p, n in s.shards] for s in self.sources]
         settings = dataclasses.asdict(self.config)
-        blob = json.dumps([parts, settings, self.world_size, self.text_seq_len, repr(self.format)], sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return _digest([parts, settings, self.world_size, self.text_seq_len, repr(self.format)])
+
+    def data_identity(self) -> str:
+        """``identity`` without the layout: what an elastic resume must keep."""
+        parts = [[(p, n, s.weight) for p, n in s.shards] for s in self.sources]
+        settings = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "num_workers"}
+        return _digest([parts, settings, self.text_seq_len, repr(self.format)])
 
     def state_dict(self) -> dict:
-        return {**dataclasses.asdict(self.state), "identity": self.identity()}
+        return {**dataclasses.asdict(self.state), "identity": self.identity(), "data_identity": self.data_identity()}
 
     def load_state_dict(self, state: dict) -> None:
-        if len(state["consumed"]) != self.workers:
-            raise ValueError(f"the saved stream position has {len(state['consumed'])} data workers per rank, "
-                             f"this run {self.workers}: resume with the same number of workers")
-        if state.get("identity") != self.identity():
+        """This rank's saved position, from a run with the same layout of ranks x workers."""
+        self.load_state_dicts([state] * self.world_size)
+
+    def load_state_dicts(self, states: list[dict]) -> None:
+        """Every rank's saved position, in rank order (a checkpoint holds them all). With the
+        same layout of ranks x data workers this rank continues its own exactly. With another
+        (an elastic resume), the rest of the interrupted epoch is dealt afresh to the new
+        readers: every sample that no rank drew yet, none twice (see ``_layout_plans``)."""
+        mine = states[self.rank] if len(states) == self.world_size else states[0]
+        if len(states) == self.world_size and len(mine["consumed"]) == self.workers:
+            if mine.get("identity") != self.identity():
+                raise ValueError("the saved stream position belongs to other data or settings (shards, their "
+                                 "counts, seed, batch size, shuffle buffer): resume with the same ones")
+            self.state = StreamState(mine["epoch"], list(mine["consumed"]), list(mine["positions"]),
+                                     mine["next_worker"], list(mine.get("history", [])))
+            return
+        if mine.get("data_identity") != self.data_identity():
             raise ValueError("the saved stream position belongs to other data or settings (shards, their counts, "
-                             "seed, batch size, workers, ranks, shuffle buffer): resume with the same ones")
-        self.state = StreamState(state["epoch"], list(state["consumed"]), list(state["positions"]),
-                                 state["next_worker"])
+                             "seed, batch size, shuffle buffer): resume with the same ones")
+        epoch, history = mine["epoch"], list(mine.get("history", []))
+        world, workers = len(states), len(mine["consumed"])
+        length = _layout_plans(self.sources, self.config, epoch, history, 0, world, workers)[1]
+        if sum(mine["consumed"]) >= length:  # the epoch was done: the next starts afresh
+            self.state = StreamState.start(epoch + 1, self.workers)
+            return
+        stretch = {"world": world, "workers": workers, "positions": [list(s["positions"]) for s in states],
+                   "batches": sum(mine["consumed"])}
+        self.state = dataclasses.replace(StreamState.start(epoch, self.workers), history=[*history, stretch])
 
     def __iter__(self):
         while True:
             plans, length = self._plans(self.state.epoch)
-            if length == 0:
+            if length == 0 and not self.state.history:  # (an elastic resume may leave less than a batch)
                 raise ValueError(f"rank {self.rank} gets less than one batch of {self.config.batch_size} per epoch; "
                                  f"use a smaller batch or more data")
             if sum(self.state.consumed) < length:
