@@ -251,3 +251,90 @@ def test_trainers_reject_bad_inputs_before_any_heavy_start_up(tmp_path, monkeypa
 def test_a_trainer_without_its_paths_names_the_flags_and_keys(tmp_path, capsys):
     assert main(["train-dalle", "--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
     assert "paths.tokenizer (--tokenizer), paths.vae (--vae) not set" in capsys.readouterr().err
+
+
+RESUMED_STATE = """
+import argparse, json, sys, torch
+from deepspeed.utils import safe_get_full_optimizer_state
+from dalle_ds.training.train_dalle import DalleTrainer, add_arguments
+from dalle_ds.training.trainer import config_from_args
+parser = argparse.ArgumentParser()
+add_arguments(parser)
+trainer = DalleTrainer(config_from_args(DalleTrainer, parser.parse_args(sys.argv[1:])))  # --resume
+# ZeRO-1/2 link each parameter to its optimizer-state fragments at the first step; read before it
+getattr(trainer.engine.optimizer, "_lazy_init_hp_params_optimizer_state", lambda: None)()
+state = {name: [safe_get_full_optimizer_state(p, key).flatten().tolist() for key in ("exp_avg", "exp_avg_sq")]
+         for name, p in trainer.engine.module.named_parameters() if p.requires_grad}  # collective under ZeRO-3
+trainer.train()  # on to train.steps
+if trainer.env.is_main:
+    print(json.dumps({"step": trainer.progress.step, "optimizer": state}))
+"""
+
+
+def _resumed_state(inputs, tmp_path, out, ranks, ds_config, *extra):
+    """Resumes the run in ``out`` on ``ranks`` (in a script that reads the engine's optimizer
+    state first), trains on to train.steps; returns that state."""
+    script = tmp_path / "resumed_state.py"
+    script.write_text(RESUMED_STATE)
+    cmd = command(inputs, out, *extra, "--resume", ranks=ranks, ds_config=ds_config)
+    launch = [sys.executable, str(script)] if ranks == 1 else [str(TORCHRUN), "--standalone", "--nproc_per_node",
+                                                                str(ranks), str(script)]
+    return json.loads(run(launch + cmd[cmd.index("--data"):]).strip().splitlines()[-1])["optimizer"]
+
+
+def _first_batches_loss(inputs, run_dir, ranks) -> float:
+    """The loss the checkpoint's weights give on the first optimizer step a resumed run on
+    ``ranks`` reads: every rank's micro-batches, from the saved data position."""
+    from dalle_ds.config import load_config
+    from dalle_ds.data.stream import TokenStream
+    from dalle_ds.training.export import consolidate
+    from dalle_ds.training.train_dalle import DalleRunConfig
+
+    model = consolidate(run_dir).eval()
+    config = load_config(DalleRunConfig, run_dir / "config.yaml")
+    saved = torch.load(next((run_dir / "checkpoints").glob("step*/*mp_rank_00_model_states.pt")), weights_only=False)
+    accumulation = 8 // (config.train.micro_batch * ranks)  # the global batch of 2 ranks x micro batch 4
+    losses = []
+    for rank in range(ranks):
+        stream = TokenStream(inputs / "tokens", inputs / "tok.model", 8, trainer_module.stream_config(config),
+                             rank=rank, world_size=ranks)
+        stream.load_state_dicts([r["stream"] for r in saved["ranks"]])
+        batches = iter(stream)
+        for _ in range(accumulation):
+            batch = next(batches)
+            with torch.no_grad():
+                losses.append(float(model(batch["text"], batch["codes"], mask=batch["mask"], return_loss=True)))
+    return sum(losses) / len(losses)
+
+
+def _saved_optimizer_state(run_dir, tag) -> dict:
+    """Each parameter's whole Adam moments, as DeepSpeed's ds_to_universal assembled them from
+    the old ranks' ZeRO partitions."""
+    folder = run_dir / "checkpoints" / "universal" / tag / "zero"
+
+    def moment(path):  # ZeRO-1/2 store {"param": tensor, ...}, ZeRO-3 the tensor
+        value = torch.load(path, weights_only=True)
+        return (value["param"] if isinstance(value, dict) else value).flatten().tolist()
+
+    return {p.name: [moment(p / f"{key}.pt") for key in ("exp_avg", "exp_avg_sq")]
+            for p in folder.iterdir() if (p / "exp_avg.pt").is_file()}
+
+
+@pytest.mark.parametrize("ds_config, ranks, resumed_ranks", [("zero1.json", 2, 1), ("zero2.json", 2, 1),
+                                                              ("zero3.json", 2, 1), ("zero3.json", 1, 2)])
+def test_a_run_resumes_on_another_number_of_ranks(inputs, tmp_path, ds_config, ranks, resumed_ranks):
+    """Through DeepSpeed's universal checkpoint: the saved weights (the first resumed loss is
+    what the checkpoint's model gives on that step's batches), the saved optimizer state, and
+    the data position (whose rules tests/test_stream.py checks)."""
+    out = tmp_path / "run"
+    schedule = ["optim.total_steps=6", "checkpoint.every_steps=3", "model.attn_dropout=0", "train.global_batch=8"]
+    run(command(inputs, out, "train.steps=3", *schedule, ranks=ranks, ds_config=ds_config))
+    expected_loss = _first_batches_loss(inputs, out, resumed_ranks)
+    resumed_state = _resumed_state(inputs, tmp_path, out, resumed_ranks, ds_config, "train.steps=5", *schedule)
+    saved_state = _saved_optimizer_state(out, "step00000003")
+    assert resumed_state.keys() == saved_state.keys()
+    for name, (exp_avg, exp_avg_sq) in saved_state.items():
+        assert resumed_state[name][0] == pytest.approx(exp_avg, abs=1e-7) and any(exp_avg), name
+        assert resumed_state[name][1] == pytest.approx(exp_avg_sq, abs=1e-9), name
+    trained = losses(out)
+    assert trained[4] == pytest.approx(expected_loss, rel=1e-5) and 5 in trained

@@ -4,12 +4,20 @@ Client state: the training position (step, samples), every rank's data-stream po
 states (gathered: DeepSpeed stores client state from one rank only), and the resolved config.
 The ``latest`` pointer moves only after every rank has written its part, atomically, so a
 checkpoint cut short by a crash is never the one resumed from. The last ``keep_last`` are kept.
+
+A run resumed on another number of ranks (elastic) loads the checkpoint through DeepSpeed's
+universal checkpoint format, which it converts to once (``ds_to_universal``): DeepSpeed, not
+this module, re-partitions the ZeRO state.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +27,9 @@ import torch.distributed as dist
 from ..files import atomic_write_bytes
 
 CHECKPOINTS = "checkpoints"
+UNIVERSAL = "universal"  # checkpoints/universal/<tag>: a checkpoint converted for another number of ranks
+# what ds_to_universal needs to find in a checkpoint's client state (DeepSpeed's checkpoint/constants.py)
+_UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
 
 
 def rng_state() -> dict:
@@ -47,7 +58,8 @@ def save(engine, run_dir: Path, step: int, client: dict, stream_state: dict, kee
     folder = Path(run_dir) / CHECKPOINTS
     per_rank = _gather({"stream": stream_state, "rng": rng_state()})
     tag = f"step{step:08d}"
-    engine.save_checkpoint(str(folder), tag=tag, client_state={**client, "ranks": per_rank}, save_latest=False)
+    client = {**client, "ranks": per_rank, **_UNIVERSAL_INFO}
+    engine.save_checkpoint(str(folder), tag=tag, client_state=client, save_latest=False)
     dist.barrier()  # every rank's files are on disk
     if dist.get_rank() == 0:
         atomic_write_bytes(folder / "latest", tag.encode())
@@ -60,6 +72,7 @@ def _prune(folder: Path, keep_last: int) -> None:
     tags = sorted(p for p in folder.glob("step*") if p.is_dir())
     for old in tags[:-max(keep_last, 1)]:
         shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(folder / UNIVERSAL / old.name, ignore_errors=True)
 
 
 def latest_tag(run_dir: Path) -> str | None:
@@ -67,20 +80,58 @@ def latest_tag(run_dir: Path) -> str | None:
     return pointer.read_text().strip() if pointer.is_file() else None
 
 
-def load(engine, run_dir: Path) -> tuple[dict, dict] | None:
-    """Loads the latest checkpoint into the engine; returns (client state, this rank's
-    stream state), having restored this rank's RNG; None when there is none."""
-    found = [latest_tag(run_dir) is not None]
+@dataclass
+class Source:
+    """The checkpoint a run resumes from: its folder and tag as the engine loads them."""
+
+    folder: Path
+    tag: str
+    universal: bool  # saved by another number of ranks: load with DeepSpeed's load_universal
+
+
+def resume_source(run_dir: Path) -> Source | None:
+    """Collective, before the engine exists (``universal`` changes how it is configured). The
+    latest checkpoint, converted to the universal format first when its ZeRO partitions come
+    from another number of ranks; None when there is none."""
+    found = [latest_tag(run_dir)]
     dist.broadcast_object_list(found, src=0)  # rank 0 decides: ranks must never disagree here
-    if not found[0]:
+    tag = found[0]
+    if tag is None:
         return None
-    path, client = engine.load_checkpoint(str(Path(run_dir) / CHECKPOINTS))
+    folder = Path(run_dir) / CHECKPOINTS
+    saved = len(list((folder / tag).glob("*zero_pp_rank_*_optim_states.pt")))  # 0: no ZeRO partitions
+    if saved in (0, dist.get_world_size()):
+        return Source(folder, tag, universal=False)
+    if dist.get_rank() == 0 and not (folder / UNIVERSAL / tag).is_dir():
+        print(f"resuming {tag}, saved by {saved} ranks, on {dist.get_world_size()}: converting it to DeepSpeed's "
+              f"universal checkpoint format (once, into {folder / UNIVERSAL / tag})", flush=True)
+        _to_universal(folder / tag, folder / UNIVERSAL / tag)
+    dist.barrier()
+    return Source(folder / UNIVERSAL, tag, universal=True)
+
+
+def _to_universal(checkpoint: Path, out: Path) -> None:
+    """DeepSpeed's ds_to_universal, in this process (one worker: no forks beside a process
+    group), into a temporary folder renamed when complete."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(checkpoint), output_folder=str(partial), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)  # checkpoints saved before we added the info
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress prints would mix into our commands' output
+        ds_to_universal(args)
+    partial.rename(out)
+
+
+def load(engine, source: Source) -> tuple[dict, list[dict]]:
+    """Loads a checkpoint into the engine; returns (client state, every saved rank's stream
+    state). Restores this rank's RNG when the number of ranks is the same."""
+    path, client = engine.load_checkpoint(str(source.folder), tag=source.tag)
     if path is None:
-        raise ValueError(f"could not load the latest checkpoint of {run_dir}; its files are incomplete")
+        raise ValueError(f"could not load checkpoint {source.folder / source.tag}; its files are incomplete")
     ranks = client.pop("ranks")
-    if len(ranks) != dist.get_world_size():
-        raise ValueError(f"{run_dir} was saved by {len(ranks)} ranks, this run has {dist.get_world_size()}; resume "
-                         f"with the same number, or export the model and start a new run from it")
-    mine = ranks[dist.get_rank()]
-    set_rng_state(mine["rng"])
-    return client, mine["stream"]
+    if len(ranks) == dist.get_world_size():
+        set_rng_state(ranks[dist.get_rank()]["rng"])
+    return client, [rank["stream"] for rank in ranks]

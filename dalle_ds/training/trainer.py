@@ -193,7 +193,8 @@ class Trainer:
             write_model_config(self.model, self.run_dir, getattr(self.config.paths, "tokenizer", None))
         self.flops_per_token = self.measure_flops_per_token()  # reads the full weights: before ZeRO-3 splits them
         self.batch = batch_layout(train.micro_batch, self.env.world_size, train.global_batch, train.grad_accumulation)
-        self._build_engine()
+        source = checkpoint.resume_source(self.run_dir) if self.config.checkpoint.resume else None
+        self._build_engine(load_universal=source is not None and source.universal)
         self.peak_flops = self.config.logging.peak_flops or measure_peak_flops(self.precision)
         torch.manual_seed(train.seed + 1 + self.env.rank)  # per-rank dropout, caption drops, Gumbel noise
         self.stream = self.build_stream()
@@ -201,31 +202,36 @@ class Trainer:
                             "data settings")
         self.progress = Progress()
         self.prepare()
-        if self.config.checkpoint.resume:
-            self._resume()
+        if source is not None:
+            self._resume(source)
         self.metrics = MetricsWriter(self.run_dir, self.env.is_main)
         self.preemption = _Preemption()
 
-    def _build_engine(self) -> None:
-        """The DeepSpeed engine and its schedule; ``precision``: the dtype the engine computes in."""
+    def _build_engine(self, load_universal: bool) -> None:
+        """The DeepSpeed engine and its schedule; ``precision``: the dtype the engine computes in.
+        ``load_universal``: it will load a checkpoint saved by another number of ranks."""
         train, optim = self.config.train, self.config.optim
         if optim.total_steps is None:  # decay over the whole run
             optim = dataclasses.replace(optim, total_steps=train.steps)
         settings = load_ds_config(train.deepspeed_config)
+        if load_universal:
+            settings = {**settings, "checkpoint": {**settings.get("checkpoint", {}), "load_universal": True}}
         self.engine, self.scheduler = build_engine(self.model, settings, self.batch, optim)
         self.precision = next((dtype for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))
                                if settings.get(name, {}).get("enabled")), torch.float32)
 
-    def _resume(self) -> None:
-        loaded = checkpoint.load(self.engine, self.run_dir)
-        if loaded is None:
-            return
-        client, stream_state = loaded
+    def _resume(self, source: checkpoint.Source) -> None:
+        """Weights, optimizer and schedule from the checkpoint (DeepSpeed re-partitions them for
+        another number of ranks), then the training position, and the data position: exact on
+        the same layout, the rest of the epoch dealt afresh on another (see the stream)."""
+        client, stream_states = checkpoint.load(self.engine, source)
         progress = dict(client["progress"])
         if "skipped_steps" in progress:  # checkpoints written before the field said its unit
             progress["skipped_micro_batches"] = progress.pop("skipped_steps")
         self.progress = Progress(**progress)
-        self.stream.load_state_dict(stream_state)
+        if len(stream_states) != self.env.world_size:  # no saved RNG state is this rank's: seed anew
+            torch.manual_seed(self.config.train.seed + 1 + self.env.rank + 1_000_003 * self.progress.step)
+        self.stream.load_state_dicts(stream_states)
 
     # ---- the loop ---------------------------------------------------------------------------
 
