@@ -1,6 +1,7 @@
 """The raw image-text stream (train-vae, train-clip): counts, decoding, rejects, exact resume."""
 
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -124,3 +125,24 @@ def test_pixels_match_the_source_image(tmp_path):
     batch = take(ImageTextStream(folder, 16, StreamConfig(batch_size=4, num_workers=0)), 1)[0]
     mean = batch["images"].float().mean(dim=(0, 2, 3)).numpy()
     assert np.abs(mean - np.array(COLOURS["blue"])).max() < 8
+
+
+@pytest.mark.parametrize("workers,stop_at", [(0, 4), (2, 3), (2, 6)])
+def test_a_shard_cut_short_keeps_its_last_whole_sample_and_resumes_exactly(tmp_path, workers, stop_at):
+    folder = write_raw(tmp_path / "raw")
+    shard = folder / "00002.tar"  # samples 10..16, members png, txt, json each
+    with tarfile.open(shard) as tar:
+        header = tar.getmembers()[12].offset  # the header of sample 14, after whole sample 13
+    shard.write_bytes(shard.read_bytes()[:header + 200])
+    config = StreamConfig(batch_size=2, shuffle_buffer=4, num_workers=workers, seed=5)
+    stream = ImageTextStream(folder, 16, config)
+    epoch = indices(take(stream, stream.batches_per_epoch()))
+    assert 13 in epoch and not {14, 15, 16} & set(epoch)
+    assert stream.rejects.counts["truncated_shard"] >= 1 and "incomplete_sample" not in stream.rejects.counts
+
+    straight = indices(take(ImageTextStream(folder, 16, config), 12))
+    first = ImageTextStream(folder, 16, config)
+    before = indices(take(first, stop_at))
+    resumed = ImageTextStream(folder, 16, config)
+    resumed.load_state_dict(first.state_dict())
+    assert before + indices(take(resumed, 12 - stop_at)) == straight

@@ -11,9 +11,12 @@ part starting with ``.`` or ``__``), directories, links and names without an ext
 skipped; a leading ``./`` is dropped.
 
 Bad shards are counted, never raised: one that cannot be opened counts ``unreadable_shard``;
-one damaged part way (cut short, missing its end-of-archive block, a corrupt header) yields
-every sample read before the damage, drops the sample being read, and counts
-``truncated_shard``. A file repeated within one sample counts ``duplicate_member`` and is
+one damaged part way (cut short, missing its end-of-archive block, a corrupt header) counts
+``truncated_shard`` and yields every sample read before the damage. The sample being read when
+the damage came is kept with the files that arrived whole, if they hold its caption and its image
+(or a token shard's codes): the damage may have cut only an optional file (json), or nothing of
+it at all (the next sample's header). Otherwise it is really incomplete: dropped, counted
+``incomplete_sample``. A file repeated within one sample counts ``duplicate_member`` and is
 dropped.
 """
 
@@ -42,6 +45,8 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 _BAD_DATA = (tarfile.TarError, OSError, EOFError, ValueError, OverflowError, MemoryError, zlib.error,
              lzma.LZMAError)
 MAX_MEMBER_BYTES = 1 << 30  # a larger member is no image or caption: refused before it is read
+# What a sample is about, besides its caption: an image, or a token shard's code grid.
+PAYLOAD_EXTENSIONS = (*IMAGE_EXTENSIONS, "codes")
 
 
 @dataclass
@@ -159,7 +164,7 @@ def _samples(tar: tarfile.TarFile, path: str, rejects: RejectCounts) -> Iterator
         try:
             info = next(headers, None)
         except _BAD_DATA as exc:
-            _damaged(rejects, path, exc, key)
+            yield from _damaged(rejects, path, exc, key, files)
             return
         if info is None:
             break
@@ -177,9 +182,10 @@ def _samples(tar: tarfile.TarFile, path: str, rejects: RejectCounts) -> Iterator
             rejects.add("member_too_large", key, path)
             continue
         try:
+            # a member cut short raises (tarfile checks the length read), so files hold only whole ones
             files[split[1]] = tar.extractfile(info).read()
         except _BAD_DATA as exc:
-            _damaged(rejects, path, exc, key)
+            yield from _damaged(rejects, path, exc, key, files)
             return
     if files:
         yield RawSample(key, path, files)
@@ -193,9 +199,15 @@ def _regular_headers(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
             yield info
 
 
-def _damaged(rejects: RejectCounts, path: str, exc: Exception, key: str | None) -> None:
-    # The sample being read when the damage hit may lack files: it is dropped.
-    _shard_failed(rejects, "truncated_shard", path, exc, key or "")
+def _damaged(rejects: RejectCounts, path: str, exc: Exception, key: str | None,
+             files: dict[str, bytes]) -> Iterator[RawSample]:
+    """The end of a damaged shard: the sample being read, ``key``'s whole ``files``, if they
+    hold what a sample needs (see the module doc)."""
+    _shard_failed(rejects, "truncated_shard", path, exc)
+    if "txt" in files and any(ext in files for ext in PAYLOAD_EXTENSIONS):
+        yield RawSample(key, path, files)
+    elif key is not None:
+        rejects.add("incomplete_sample", key, path)
 
 
 def _key_and_extension(name: str) -> tuple[str, str] | None:
