@@ -7,7 +7,7 @@ import tarfile
 import pytest
 
 from dalle_ds.data.errors import Rejected
-from dalle_ds.data.tar_reader import RawSample, RejectCounts, image_and_caption, iter_shard
+from dalle_ds.data.tar_reader import RawSample, RejectCounts, image_and_captions, iter_captions, iter_shard
 
 
 def write_tar(path, members):
@@ -159,9 +159,20 @@ def sample(**files):
     return RawSample("k", "s.tar", files)
 
 
-def test_image_and_caption():
-    assert image_and_caption(sample(png=b"p", jpg=b"j", txt=b"  a cat \n")) == ("jpg", b"j", "a cat")
-    assert image_and_caption(sample(webp=b"w", txt=b"\xef\xbb\xbf" + "café".encode())) == ("webp", b"w", "café")
+def test_image_and_captions():
+    assert image_and_captions(sample(png=b"p", jpg=b"j", txt=b"  a cat \n")) == ("jpg", b"j", ["a cat"])
+    assert image_and_captions(sample(webp=b"w", txt=b"\xef\xbb\xbf" + "café".encode())) == ("webp", b"w", ["café"])
+
+
+def test_each_non_empty_line_is_a_caption(tmp_path):
+    coco = b"A cat on a mat.\r\n\n  A tabby cat, lying down. \n \t\nA cat."
+    assert image_and_captions(sample(jpg=b"j", txt=coco))[2] == ["A cat on a mat.", "A tabby cat, lying down.",
+                                                                 "A cat."]
+    path = write_tar(tmp_path / "s.tar", [("a.jpg", b"1"), ("a.txt", coco), ("b.jpg", b"2"), ("b.txt", b"a dog"),
+                                          ("c.jpg", b"3"), ("c.txt", b"\n \n")])
+    rejects = RejectCounts()
+    assert list(iter_captions([path], rejects)) == ["A cat on a mat.", "A tabby cat, lying down.", "A cat.", "a dog"]
+    assert rejects.counts == {"empty_caption": 1}
 
 
 @pytest.mark.parametrize("files, reason", [
@@ -174,7 +185,7 @@ def test_image_and_caption():
 ])
 def test_rejected_samples(files, reason):
     with pytest.raises(Rejected) as error:
-        image_and_caption(sample(**files))
+        image_and_captions(sample(**files))
     assert error.value.reason == reason
 
 

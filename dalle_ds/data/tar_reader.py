@@ -112,9 +112,9 @@ def image_of(sample: RawSample) -> tuple[str, bytes]:
     return ext, sample.files[ext]
 
 
-def image_and_caption(sample: RawSample) -> tuple[str, bytes, str]:
-    """(image extension, image bytes, stripped caption) of a raw image-text sample."""
-    return *image_of(sample), caption_of(sample)
+def image_and_captions(sample: RawSample) -> tuple[str, bytes, list[str]]:
+    """(image extension, image bytes, captions) of a raw image-text sample."""
+    return *image_of(sample), captions_of(sample)
 
 
 def count_samples(path: str) -> int:
@@ -132,27 +132,29 @@ def count_samples(path: str) -> int:
     return len(keys)
 
 
-def caption_of(sample: RawSample) -> str:
-    """The stripped caption of a sample; Rejected when missing, not UTF-8 or empty."""
+def captions_of(sample: RawSample) -> list[str]:
+    """A sample's captions: the stripped non-empty lines of its txt, one caption per line (a
+    COCO-style txt holds several); Rejected when missing, not UTF-8 or without any."""
     if "txt" not in sample.files:
         raise Rejected("missing_caption", "no txt file")
     try:
         # utf-8-sig: captions saved by Windows editors start with a byte order mark
-        caption = sample.files["txt"].decode("utf-8-sig").strip()
+        text = sample.files["txt"].decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise Rejected("caption_not_utf8", str(exc)) from None
-    if not caption:
+    captions = [line.strip() for line in text.split("\n") if line.strip()]  # strip() takes a CRLF's \r
+    if not captions:
         raise Rejected("empty_caption")
-    return caption
+    return captions
 
 
 def iter_captions(shards: Iterable[str], rejects: RejectCounts | None = None) -> Iterator[str]:
-    """Every good caption of the shards, in order (for tokenizer training)."""
+    """Every good caption of the shards, all of each sample's, in order (for tokenizer training)."""
     rejects = RejectCounts() if rejects is None else rejects
     for shard in shards:
         for sample in iter_shard(shard, rejects):
             try:
-                yield caption_of(sample)
+                yield from captions_of(sample)
             except Rejected as rejected:
                 rejects.add(rejected.reason, sample.key, shard)
 
