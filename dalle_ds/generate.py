@@ -11,11 +11,10 @@ image is resized and centre-cropped as training data is, and encoded by the mode
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +90,7 @@ def plan(dalle: DALLE, settings: GenerateSettings) -> tuple[GenerateSettings, Me
             batch_size = batch_size_for(dalle, free, settings.num_images, guided=guided, primed_codes=primed)
         else:
             batch_size = CPU_BATCH_SIZE
-    settings = dataclasses.replace(settings, batch_size=batch_size)
+    settings = replace(settings, batch_size=batch_size)
     return settings, estimate_memory(dalle, batch_size, guided=guided, primed_codes=primed)
 
 
@@ -102,7 +101,7 @@ def cast_for_inference(dalle: DALLE, dtype: str, device: torch.device) -> None:
     on CPU: a bf16 cast runs as fast as fp32, bf16 autocast slower), and it would not halve the
     weights. The dVAE stays fp32: it runs once per batch (encode an image prompt, decode the
     samples) against the transformer's N steps, and fp32 keeps its codes and pixels those of
-    training and eval. CLIP, on the CPU, stays fp32 too: its scores are compared with eval's."""
+    training and eval. CLIP is left as given (the CLI keeps it fp32): its scores are compared with eval's."""
     if dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("this GPU has no bf16: use --dtype fp16 or fp32")
     if dtype == "fp16" and device.type == "cpu":
