@@ -53,9 +53,9 @@ def write_shards(folder: Path) -> list[Path]:
 
 def bare_encoder_rate(vae: DiscreteVAE, shards: list[Path]) -> float:
     """Images/s of vae.get_codebook_indices alone, on the same images already decoded."""
-    from dalle_ds.data.tar_reader import RejectCounts, image_and_caption, iter_shard
+    from dalle_ds.data.tar_reader import RejectCounts, image_and_captions, iter_shard
 
-    images = [decode_image(image_and_caption(s)[1], vae.image_size)
+    images = [decode_image(image_and_captions(s)[1], vae.image_size)
               for shard in shards for s in iter_shard(str(shard), RejectCounts())]
     batches = [images_to_float(torch.stack(images[i:i + BATCH])) for i in range(0, len(images), BATCH)]
     with torch.inference_mode():

@@ -154,7 +154,7 @@ def _run_export(args):
 
 
 def _add_generate(sub):
-    from .generate import GenerateSettings
+    from .generate import CPU_BATCH_SIZE, DTYPES, GenerateSettings
 
     d = GenerateSettings()
     p = sub.add_parser("generate", help="captions -> PNG images (and a grid per caption) with DALL-E, ranked by CLIP")
@@ -165,7 +165,8 @@ def _add_generate(sub):
     p.add_argument("--prompts-file", default=None, help="a text file, one prompt per line")
     p.add_argument("--num-images", type=int, default=d.num_images, help=f"images per prompt (default {d.num_images})")
     p.add_argument("--keep", type=int, default=None, help="with --clip: keep the best N per prompt (default all)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per pass (default {d.batch_size})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"images per pass (default: the most that fit in free memory on CUDA, else {CPU_BATCH_SIZE})")
     p.add_argument("--seed", type=int, default=d.seed,
                    help=f"batch k of each prompt is seeded S + k (default {d.seed})")
     p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature; 0: greedy")
@@ -176,6 +177,11 @@ def _add_generate(sub):
     p.add_argument("--cond-scale", type=float, default=d.cond_scale,
                    help="classifier-free guidance scale (default 1: none; try 3)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=d.dtype,
+                   help=f"DALL-E's weights and KV cache (default {d.dtype}; bf16 halves their memory; "
+                        f"the dVAE and CLIP stay fp32)")
+    p.add_argument("--init-image", default=None, help="an image prompt: every sample keeps the top rows of its codes")
+    p.add_argument("--init-rows", type=int, default=None, help="with --init-image: how many code rows to keep")
     p.set_defaults(run=_run_generate)
 
 
@@ -183,7 +189,7 @@ def _run_generate(args):
     from tqdm import tqdm
 
     from .data.pretokenize import default_device
-    from .generate import GenerateSettings, generate
+    from .generate import GenerateSettings, generate, plan
     from .models.clip import CLIP
     from .models.dalle import DALLE
     from .training.export import load_with_tokenizer
@@ -196,7 +202,9 @@ def _run_generate(args):
     clip = load_with_tokenizer(args.clip, CLIP, "--clip") if args.clip else None
     filter_thres = args.filter_thres if args.top_k is None else 1 - (args.top_k + 0.5) / dalle.num_image_tokens
     settings = GenerateSettings(args.num_images, args.batch_size, args.seed, args.temperature, filter_thres,
-                                args.top_p, args.cond_scale, args.keep)
+                                args.top_p, args.cond_scale, args.keep, args.dtype, args.init_image, args.init_rows)
+    settings, memory = plan(dalle, settings)
+    print(f"generate: {memory.line()}", file=sys.stderr)
     with tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not sys.stderr.isatty()) as bar:
         results = generate(dalle, tokenizer, prompts, args.out, settings, clip, progress=bar)
     images = sum(len(r.images) for r in results)

@@ -7,7 +7,7 @@ import tarfile
 import pytest
 
 from dalle_ds.data.errors import Rejected
-from dalle_ds.data.tar_reader import RawSample, RejectCounts, image_and_caption, iter_shard
+from dalle_ds.data.tar_reader import RawSample, RejectCounts, image_and_captions, iter_captions, iter_shard
 
 
 def write_tar(path, members):
@@ -73,26 +73,54 @@ def member_offsets(path):
         return [(m.offset, m.offset_data, m.size) for m in tar.getmembers()]
 
 
-def test_truncated_inside_third_sample_yields_the_first_two(tmp_path):
+def cut(path, offset):
+    with open(path, "r+b") as f:
+        f.truncate(offset)
+
+
+# Where a shard of 20 samples (jpg, txt, json each) is cut, relative to the 10th sample's members
+# (27 jpg, 28 txt, 29 json) and the 11th's first (30): what arrives whole of the 10th sample.
+CUTS = {
+    "inside_the_11th_header": (lambda m: m[30][0] + 100, ("jpg", "txt", "json")),
+    "at_the_11th_header": (lambda m: m[30][0], ("jpg", "txt", "json")),
+    "in_the_10th_json_padding": (lambda m: m[29][1] + m[29][2] + 1, ("jpg", "txt", "json")),
+    "inside_the_10th_json_data": (lambda m: m[29][1] + m[29][2] // 2, ("jpg", "txt")),
+    "inside_the_10th_json_header": (lambda m: m[29][0] + 300, ("jpg", "txt")),
+    "at_the_10th_caption_header": (lambda m: m[28][0], ("jpg",)),
+    "inside_the_10th_caption_data": (lambda m: m[28][1] + 3, ("jpg",)),
+    "inside_the_10th_image_data": (lambda m: m[27][1] + 500, ()),
+}
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["seeking", "streaming"])
+@pytest.mark.parametrize("where", CUTS)
+def test_a_cut_keeps_the_sample_being_read_when_its_image_and_caption_are_whole(tmp_path, where, remote):
+    members = img2dataset_members(20)
+    path = write_tar(tmp_path / "s.tar", members)
+    offset, whole = CUTS[where]
+    cut(path, offset(member_offsets(path)))
+    samples, rejects = read(f"pipe:cat {path}" if remote else path)
+    originals = dict(members)
+    nine_first = [f"{i:09d}" for i in range(9)]
+    assert [s.key for s in samples[:9]] == nine_first
+    assert all(s.files == {e: originals[f"{s.key}.{e}"] for e in ("jpg", "txt", "json")} for s in samples[:9])
+    tenth = "000000009"
+    if {"jpg", "txt"} <= set(whole):  # kept, with exactly the files that arrived whole
+        assert [s.key for s in samples] == nine_first + [tenth]
+        assert samples[9].files == {e: originals[f"{tenth}.{e}"] for e in whole}
+        assert rejects == {"truncated_shard": 1}
+    else:  # really incomplete: dropped, and counted as such
+        assert [s.key for s in samples] == nine_first
+        assert rejects == {"truncated_shard": 1, "incomplete_sample": 1}
+
+
+def test_damage_is_logged_per_shard_and_a_dropped_sample_by_its_key(tmp_path):
     path = write_tar(tmp_path / "s.tar", img2dataset_members(4))
     _, data_start, size = member_offsets(path)[6]  # the image of the third sample
-    with open(path, "r+b") as f:
-        f.truncate(data_start + size // 2)
-    samples, rejects = read(path)
-    assert [s.key for s in samples] == ["000000000", "000000001"]
-    assert len(samples[1].files) == 3
-    assert rejects == {"truncated_shard": 1}
-
-
-@pytest.mark.parametrize("cut", ["at_header", "inside_header"])
-def test_cut_between_members_is_not_taken_for_a_whole_shard(tmp_path, cut):
-    path = write_tar(tmp_path / "s.tar", img2dataset_members(3))
-    header = member_offsets(path)[5][0]  # the json of the second sample, its last member
-    with open(path, "r+b") as f:
-        f.truncate(header + (100 if cut == "inside_header" else 0))
-    samples, rejects = read(path)
-    assert [s.key for s in samples] == ["000000000"]
-    assert rejects == {"truncated_shard": 1}
+    cut(path, data_start + size // 2)
+    rejects = RejectCounts()
+    assert [s.key for s in iter_shard(path, rejects)] == ["000000000", "000000001"]
+    assert list(rejects.records) == [("", path, "truncated_shard"), ("000000002", path, "incomplete_sample")]
 
 
 @pytest.mark.parametrize("content", [None, b"", os.urandom(5000), b"not a tar at all\n" * 100])
@@ -131,9 +159,20 @@ def sample(**files):
     return RawSample("k", "s.tar", files)
 
 
-def test_image_and_caption():
-    assert image_and_caption(sample(png=b"p", jpg=b"j", txt=b"  a cat \n")) == ("jpg", b"j", "a cat")
-    assert image_and_caption(sample(webp=b"w", txt=b"\xef\xbb\xbf" + "café".encode())) == ("webp", b"w", "café")
+def test_image_and_captions():
+    assert image_and_captions(sample(png=b"p", jpg=b"j", txt=b"  a cat \n")) == ("jpg", b"j", ["a cat"])
+    assert image_and_captions(sample(webp=b"w", txt=b"\xef\xbb\xbf" + "café".encode())) == ("webp", b"w", ["café"])
+
+
+def test_each_non_empty_line_is_a_caption(tmp_path):
+    coco = b"A cat on a mat.\r\n\n  A tabby cat, lying down. \n \t\nA cat."
+    assert image_and_captions(sample(jpg=b"j", txt=coco))[2] == ["A cat on a mat.", "A tabby cat, lying down.",
+                                                                 "A cat."]
+    path = write_tar(tmp_path / "s.tar", [("a.jpg", b"1"), ("a.txt", coco), ("b.jpg", b"2"), ("b.txt", b"a dog"),
+                                          ("c.jpg", b"3"), ("c.txt", b"\n \n")])
+    rejects = RejectCounts()
+    assert list(iter_captions([path], rejects)) == ["A cat on a mat.", "A tabby cat, lying down.", "A cat.", "a dog"]
+    assert rejects.counts == {"empty_caption": 1}
 
 
 @pytest.mark.parametrize("files, reason", [
@@ -146,7 +185,7 @@ def test_image_and_caption():
 ])
 def test_rejected_samples(files, reason):
     with pytest.raises(Rejected) as error:
-        image_and_caption(sample(**files))
+        image_and_captions(sample(**files))
     assert error.value.reason == reason
 
 

@@ -95,6 +95,61 @@ def test_clear_errors_for_the_wrong_model_or_no_prompt(models, tmp_path, capsys)
     assert "--vae and --images go together" in capsys.readouterr().err
 
 
+def sidecar_and_pixels(folder):
+    first = next(p for p in sorted(folder.glob("000-*")) if p.is_dir())
+    return json.loads((first / "000.json").read_text()), [np.asarray(Image.open(p)) for p in sorted(first.glob("*.png"))]
+
+
+def test_an_image_prompt_keeps_its_top_rows_and_the_model_completes_them(models, tmp_path, capsys):
+    from dalle_ds import DALLE
+    from dalle_ds.data.images import decode_image, images_to_float
+    from dalle_ds.data.tokenizer import CaptionTokenizer
+
+    photo = tmp_path / "photo.jpg"  # not square, not the model's size: prepared as training data is
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(photo)
+    greedy = ("--temperature", "0", "--init-image", str(photo), "--init-rows", "2")
+    assert generate(models, tmp_path / "primed", *greedy) == 0
+    assert "memory for batch size 2" in capsys.readouterr().err
+    sidecar, pixels = sidecar_and_pixels(tmp_path / "primed")
+    assert sidecar["settings"]["init_rows"] == 2 and sidecar["settings"]["init_image"] == str(photo)
+
+    # what the Python API gives when primed with the top 2 rows of the photo's codes
+    dalle = DALLE.from_pretrained(models / "dalle")
+    codes = dalle.vae.get_codebook_indices(images_to_float(decode_image(photo.read_bytes(), 16)[None]))
+    text = CaptionTokenizer(models / "dalle" / "tokenizer.model").encode([CAPTIONS[0]], dalle.text_seq_len)
+    expected = dalle.generate_images(text.ids, mask=text.mask, temperature=0, img=codes,
+                                     num_init_img_tokens=2 * dalle.vae.grid_size)
+    expected = (expected[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    assert len(pixels) == 3 and all(np.array_equal(p, expected) for p in pixels)
+
+    assert generate(models, tmp_path / "free", "--temperature", "0") == 0
+    assert not np.array_equal(sidecar_and_pixels(tmp_path / "free")[1][0], expected), "the prompt made a difference"
+
+
+@pytest.mark.parametrize("flags, message", [
+    ("--init-image {photo} --init-rows 4", "--init-rows must be in [1, 3] (the code grid has 4 rows), got 4"),
+    ("--init-image {photo} --init-rows 0", "--init-rows must be in [1, 3]"),
+    ("--init-image {junk} --init-rows 2", "junk.png is not a usable image (corrupt_image"),
+    ("--init-image {missing} --init-rows 2", "No such file"),
+    ("--init-rows 2", "--init-image and --init-rows go together"),
+    ("--init-image {photo}", "--init-image and --init-rows go together"),
+])
+def test_bad_image_prompts_are_one_line_errors(models, tmp_path, capsys, flags, message):
+    Image.new("RGB", (20, 20), "red").save(tmp_path / "photo.png")
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    names = {name: tmp_path / f"{name}.png" for name in ("photo", "junk", "missing")}
+    assert generate(models, tmp_path / "o", *flags.format(**names).split()) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_generation_in_bf16_and_fp16_writes_the_dtype_in_the_sidecar(models, tmp_path, caplog):
+    for dtype in ("bf16", "fp16"):
+        assert generate(models, tmp_path / dtype, "--dtype", dtype) == 0
+        sidecar, pixels = sidecar_and_pixels(tmp_path / dtype)
+        assert sidecar["settings"]["dtype"] == dtype and len(pixels) == 3 and pixels[0].shape == (16, 16, 3)
+    assert "fp16 on CPU" in caplog.text
+
+
 def test_eval_scores_the_dvae_and_dalle_on_held_out_shards(models, tmp_path, capsys):
     from dalle_ds import DiscreteVAE
 

@@ -143,3 +143,21 @@ def test_generation_leaves_training_mode_alone():
     dalle = tiny_dalle().train()
     dalle.generate_codes(captions(dalle), seed=0)
     assert dalle.training and dalle.transformer.training
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_low_precision_generation_agrees_with_fp32(dtype):
+    """Greedy decoding, so only rounding can make the dtypes differ."""
+    from dalle_ds.generate import cast_for_inference
+
+    torch.manual_seed(1)
+    dalle = tiny_dalle(dim=64)
+    text = captions(dalle, b=4)
+    reference = dalle.generate_codes(text, temperature=0)
+    cast_for_inference(dalle, dtype, torch.device("cpu"))
+    codes = dalle.generate_codes(text, temperature=0)
+    assert codes.shape == reference.shape and codes.dtype == torch.long
+    assert 0 <= codes.min() and codes.max() < dalle.num_image_tokens
+    assert (codes == reference).float().mean() > 0.8
+    images = dalle.generate_images(text, temperature=0)  # the dVAE, still fp32, decodes
+    assert images.dtype == torch.float32 and images.shape == (4, 3, 16, 16) and torch.isfinite(images).all()

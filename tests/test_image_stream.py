@@ -1,6 +1,7 @@
 """The raw image-text stream (train-vae, train-clip): counts, decoding, rejects, exact resume."""
 
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -16,11 +17,18 @@ SIZES = [6, 4, 7, 5]
 
 
 def sample(i: int) -> dict:
-    """A distinct image per sample: its index is drawn in the top-left pixels."""
+    """A distinct image per sample: its index is drawn in the top-left pixels. Even samples have
+    several captions, one per line."""
     s = good_sample(i)
     s.pop("jpg", None)
     s["png"] = png_bytes((i % 256, (i * 7) % 256, 0))
+    s["txt"] = "\n".join(captions(i)).encode()
     return s
+
+
+def captions(i: int) -> list[str]:
+    names = list(COLOURS)
+    return [f"a {names[(i + k) % len(names)]} square" for k in range(len(names) if i % 2 == 0 else 1)]
 
 
 def index_of(image: torch.Tensor) -> int:
@@ -89,16 +97,42 @@ def test_an_epoch_sees_each_good_image_once_and_rejects_are_counted(tmp_path, wo
     assert stream.rejects.counts["corrupt_image"] >= sum(SIZES) // 4 - 1
 
 
-@pytest.mark.parametrize("workers,stop_at", [(0, 3), (2, 5), (2, 8)])
-def test_resume_gives_the_same_images(tmp_path, workers, stop_at):
+@pytest.mark.parametrize("workers,stop_at", [(0, 3), (2, 5), (2, 8), (2, 11)])
+def test_resume_gives_the_same_images_and_captions(tmp_path, tokenizer, workers, stop_at):
     folder = write_raw(tmp_path / "raw", bad_every=5)
     config = StreamConfig(batch_size=2, shuffle_buffer=4, num_workers=workers, seed=3)
-    straight = indices(take(ImageTextStream(folder, 16, config), 14))
-    first = ImageTextStream(folder, 16, config)
-    before = indices(take(first, stop_at))
-    resumed = ImageTextStream(folder, 16, config)
+
+    def make():
+        return ImageTextStream(folder, 16, config, tokenizer_path=tokenizer, text_seq_len=8)
+
+    straight = take(make(), 14)  # two epochs and more
+    first = make()
+    before = take(first, stop_at)
+    resumed = make()
     resumed.load_state_dict(first.state_dict())
-    assert before + indices(take(resumed, 14 - stop_at)) == straight
+    for expected, got in zip(straight, before + take(resumed, 14 - stop_at), strict=True):
+        assert all(torch.equal(expected[k], got[k]) for k in ("images", "text", "mask"))
+
+
+def test_clip_trains_each_epoch_on_one_caption_drawn_from_seed_epoch_and_key(tmp_path, tokenizer):
+    folder = write_raw(tmp_path / "raw")
+    decode = CaptionTokenizer(tokenizer).decode
+
+    def drawn(seed, epochs=4):  # per epoch: sample index -> the caption it was trained on
+        config = StreamConfig(batch_size=2, shuffle_buffer=3, num_workers=2, seed=seed)
+        stream = ImageTextStream(folder, 16, config, tokenizer_path=tokenizer, text_seq_len=8)
+        n = stream.batches_per_epoch()
+        batches = take(stream, n * epochs)
+        return [{index_of(img): decode(t) for b in batches[e * n:(e + 1) * n] for img, t in zip(b["images"], b["text"])}
+                for e in range(epochs)]
+
+    epochs = drawn(seed=0)
+    assert epochs == drawn(seed=0)
+    assert all(c in captions(i) for epoch in epochs for i, c in epoch.items())
+    several = set.intersection(*(set(e) for e in epochs)) & set(range(0, sum(SIZES), 2))
+    assert len(several) > 5 and sum(len({e[i] for e in epochs}) > 1 for i in several) > len(several) / 2
+    other = drawn(seed=1, epochs=1)[0]
+    assert any(other[i] != epochs[0][i] for i in set(other) & several), "the draw follows the seed"
 
 
 def test_data_that_never_decodes_stops_with_the_reasons(tmp_path, monkeypatch):
@@ -124,3 +158,24 @@ def test_pixels_match_the_source_image(tmp_path):
     batch = take(ImageTextStream(folder, 16, StreamConfig(batch_size=4, num_workers=0)), 1)[0]
     mean = batch["images"].float().mean(dim=(0, 2, 3)).numpy()
     assert np.abs(mean - np.array(COLOURS["blue"])).max() < 8
+
+
+@pytest.mark.parametrize("workers,stop_at", [(0, 4), (2, 3), (2, 6)])
+def test_a_shard_cut_short_keeps_its_last_whole_sample_and_resumes_exactly(tmp_path, workers, stop_at):
+    folder = write_raw(tmp_path / "raw")
+    shard = folder / "00002.tar"  # samples 10..16, members png, txt, json each
+    with tarfile.open(shard) as tar:
+        header = tar.getmembers()[12].offset  # the header of sample 14, after whole sample 13
+    shard.write_bytes(shard.read_bytes()[:header + 200])
+    config = StreamConfig(batch_size=2, shuffle_buffer=4, num_workers=workers, seed=5)
+    stream = ImageTextStream(folder, 16, config)
+    epoch = indices(take(stream, stream.batches_per_epoch()))
+    assert 13 in epoch and not {14, 15, 16} & set(epoch)
+    assert stream.rejects.counts["truncated_shard"] >= 1 and "incomplete_sample" not in stream.rejects.counts
+
+    straight = indices(take(ImageTextStream(folder, 16, config), 12))
+    first = ImageTextStream(folder, 16, config)
+    before = indices(take(first, stop_at))
+    resumed = ImageTextStream(folder, 16, config)
+    resumed.load_state_dict(first.state_dict())
+    assert before + indices(take(resumed, 12 - stop_at)) == straight

@@ -12,6 +12,8 @@ from data_fixtures import good_sample, shard_members, write_corpus, write_shard
 from dalle_ds.data.images import decode_image, images_to_float
 from dalle_ds.data.manifest import Manifest
 from dalle_ds.data.pretokenize import pretokenize
+from dalle_ds.data.stream import StreamConfig, TokenStream
+from dalle_ds.data.tokenizer import CaptionTokenizer, train_tokenizer
 from dalle_ds.models.pretrained import model_fingerprint
 
 
@@ -52,6 +54,22 @@ def test_token_shards_hold_the_vae_codes_captions_and_sources(corpus, tmp_path):
     assert json.loads(members["000000006.json"]) == {"source_key": "000000006", "source_shard": "00001.tar"}
     rejects = (tmp_path / "tok" / "00003.tar.rejects.jsonl").read_text().splitlines()
     assert {json.loads(r)["reason"] for r in rejects} == {"corrupt_image", "missing_caption", "empty_caption"}
+
+
+def test_several_captions_all_reach_the_token_shard_and_train_dalle_draws_one(tmp_path):
+    coco = [{**good_sample(i), "txt": f"a red square\r\n\n a square in red {i} \nred".encode()} for i in range(4)]
+    write_shard(tmp_path / "raw.tar", coco + [good_sample(4)])
+    run([str(tmp_path / "raw.tar")], tiny_vae(), tmp_path / "tok")
+    members = shard_members(tmp_path / "tok" / "raw.tar")
+    assert members["000000002.txt"] == b"a red square\na square in red 2\nred"  # clean lines, none dropped
+    assert members["000000004.txt"] == good_sample(4)["txt"]  # one caption stays as it was
+
+    model = train_tokenizer([line for s in coco for line in s["txt"].decode().split()], tmp_path / "t.model", 300)
+    stream = TokenStream(tmp_path / "tok", model, 16, StreamConfig(batch_size=5, shuffle_buffer=0, num_workers=0))
+    decode = CaptionTokenizer(model).decode
+    drawn = [[decode(t) for t in next(iter(stream))["text"]] for _ in range(20)]  # an epoch per batch
+    assert all(len({epoch[i] for epoch in drawn}) == 3 for i in range(4)), "each caption is drawn in some epoch"
+    assert all(epoch[2] in ("a red square", "a square in red 2", "red") for epoch in drawn)
 
 
 def test_rerun_skips_finished_shards_and_finishes_interrupted_ones(corpus, tmp_path):

@@ -7,7 +7,7 @@ import torch
 from dalle_ds.data.manifest import ShardRecord, merge_manifest, write_shard_record
 from dalle_ds.data.stream import StreamConfig, TokenStream
 from dalle_ds.data.token_shards import TokenSample, TokenShardWriter, codes_dtype
-from dalle_ds.data.tokenizer import train_tokenizer
+from dalle_ds.data.tokenizer import CaptionTokenizer, train_tokenizer
 
 SHARD_SIZES = [7, 5, 9, 6, 8, 4, 6, 5]
 GRID, TEXT_LEN = 4, 8
@@ -19,7 +19,12 @@ def caption(i: int) -> str:
     return " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(1 + i % 12))  # some exceed TEXT_LEN
 
 
-def write_token_folder(folder, bad: bool = False, first_index: int = 0):
+def captions(i: int) -> list[str]:
+    """Every third sample has three captions, as COCO's images have several."""
+    return [caption(i + k) for k in range(3 if i % 3 == 0 else 1)]
+
+
+def write_token_folder(folder, bad: bool = False, first_index: int = 0, captions=captions):
     folder.mkdir()
     dtype, index = codes_dtype(300), first_index
     for s, size in enumerate(SHARD_SIZES):
@@ -27,7 +32,7 @@ def write_token_folder(folder, bad: bool = False, first_index: int = 0):
         for j in range(size):
             codes = np.full(GRID * GRID, 7)
             codes[0], codes[1] = index % 256, index // 256  # the sample's identity
-            writer.write(TokenSample(f"{index:06d}", codes, caption(index), {}))
+            writer.write(TokenSample(f"{index:06d}", codes, "\n".join(captions(index)), {}))
             if bad and j == 1:  # a sample with an empty caption, amid good ones
                 writer.write(TokenSample(f"{index:06d}b", codes, "", {}))
             index += 1
@@ -94,6 +99,36 @@ def test_resume_continues_with_the_same_batches(data, workers, stop_at):
     for expected, got in zip(straight, head + tail, strict=True):
         for key in ("text", "mask", "codes"):
             assert torch.equal(expected[key], got[key])
+
+
+def test_each_epoch_trains_on_one_caption_drawn_from_seed_epoch_and_key(tmp_path, data):
+    _, model = data
+    folder = tmp_path / "tokens"
+    shapes = ("circle", "square", "top")
+
+    def three(i):
+        return [f"{WORDS[i % 7]} {shape}" for shape in shapes]
+
+    write_token_folder(folder, captions=three)
+    tokenizer = CaptionTokenizer(model)
+
+    def drawn(seed, epochs=3):  # per epoch: sample id -> the caption it was trained on
+        config = StreamConfig(batch_size=2, shuffle_buffer=3, num_workers=2, seed=seed)
+        stream = TokenStream(folder, model, 16, config)  # long enough for every caption whole
+        n = stream.batches_per_epoch()
+        batches = take(stream, n * epochs)
+        return [{i: tokenizer.decode(t) for b in batches[e * n:(e + 1) * n] for i, t in zip(ids(b), b["text"])}
+                for e in range(epochs)]
+
+    epochs = drawn(seed=0)
+    assert epochs == drawn(seed=0)
+    assert all(c in three(i) for epoch in epochs for i, c in epoch.items())
+    every_epoch = set.intersection(*(set(e) for e in epochs))
+    assert len(every_epoch) > 20 and sum(len({e[i] for e in epochs}) > 1 for i in every_epoch) > len(every_epoch) / 2
+    picks = [c.split()[1] for epoch in epochs for c in epoch.values()]
+    assert all(picks.count(shape) > len(picks) / 5 for shape in shapes), "each caption is drawn"
+    other = drawn(seed=1, epochs=1)[0]
+    assert any(other[i] != epochs[0][i] for i in set(other) & set(epochs[0])), "the draw follows the seed"
 
 
 def test_ranks_get_disjoint_samples_and_equal_epochs(data):

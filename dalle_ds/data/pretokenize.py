@@ -24,7 +24,7 @@ from .errors import Rejected
 from .images import decode_image, images_to_float
 from .manifest import ShardRecord, finished_shards, merge_manifest, write_shard_record
 from .shards import split_for_job
-from .tar_reader import RejectCounts, image_and_caption, iter_shard
+from .tar_reader import RejectCounts, image_and_captions, iter_shard
 from .token_shards import TokenSample, TokenShardWriter, codes_dtype
 
 
@@ -111,8 +111,9 @@ def pretokenize_shard(source: str, out_path: Path, encoder: _Encoder, batch_size
     try:
         for raw in iter_shard(source, rejects):
             try:
-                _, image_bytes, caption = image_and_caption(raw)
-                pending.append((raw.key, decode_image(image_bytes, encoder.vae.image_size), caption))
+                _, image_bytes, captions = image_and_captions(raw)
+                # all captions, one per line: train-dalle's stream draws one per epoch, as train-clip's does
+                pending.append((raw.key, decode_image(image_bytes, encoder.vae.image_size), "\n".join(captions)))
             except Rejected as rejected:
                 rejects.add(rejected.reason, raw.key, source)
                 continue

@@ -4,8 +4,8 @@ image-text shards (img2dataset layout) for train-vae and train-clip.
 Stages, per epoch (open_clip's data.py order):
   shard list -> deterministic shuffle (seed, epoch), the same on every rank -> split by rank ->
   split by worker -> never-throwing tar reading (raw bytes) -> shuffle buffer (seed, epoch,
-  rank, worker) -> decode (code grids, or pixels; never pickle), rejects counted -> batch ->
-  caption tokenization (truncation counted) -> tensors.
+  rank, worker) -> decode (code grids, or pixels; never pickle; one of the sample's captions,
+  drawn per epoch), rejects counted -> batch -> caption tokenization (truncation counted) -> tensors.
 Decoding after the shuffle buffer keeps the buffer to compact bytes, and lets a resumed run
 fast-forward over raw samples without decoding them.
 
@@ -20,6 +20,10 @@ Epochs have the same number of batches on every rank (the smallest rank's count,
 shards' sample counts), so distributed steps never wait on a rank that has run dry. A worker
 whose shards give fewer good samples than counted (rejects, damage) reads them again,
 reshuffled, to fill its share: workers never run dry.
+
+A sample with several captions (a txt of several lines, as in COCO) is trained on one of them
+per epoch, drawn from (seed, epoch, sample key) alone: a resumed run, a sample read twice and a
+token shard of the same image all draw the same one.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .errors import Rejected
 from .images import decode_image
 from .sources import CountedSource, load_raw_sources, load_token_sources
-from .tar_reader import RawSample, RejectCounts, caption_of, image_of, iter_shard
+from .tar_reader import RawSample, RejectCounts, captions_of, image_of, iter_shard
 from .token_shards import decode_codes
 from .tokenizer import CaptionTokenizer
 
@@ -281,7 +285,7 @@ class _EpochDataset(IterableDataset):
                     return
 
     def _decode(self, raw: RawSample, with_caption: bool):
-        caption = caption_of(raw) if with_caption else None
+        caption = draw_caption(captions_of(raw), self.config.seed, self.state.epoch, raw.key) if with_caption else None
         return self.format.decode(raw), caption
 
     def _passes(self, logical: int, rejects: RejectCounts):
@@ -323,6 +327,14 @@ class _EpochDataset(IterableDataset):
             text = tokenizer.encode([caption for _, caption in batch], self.text_seq_len)
             out.update(text=text.ids.numpy(), mask=text.mask.numpy(), truncated=text.truncated)
         return out
+
+
+def draw_caption(captions: list[str], seed: int, epoch: int, key: str) -> str:
+    """The caption a sample is trained on in ``epoch``: see the module doc."""
+    if len(captions) == 1:
+        return captions[0]
+    # a str seed is hashed with sha512: the same draw in every process, whatever PYTHONHASHSEED
+    return captions[random.Random(f"{seed}/{epoch}/{key}/caption").randrange(len(captions))]
 
 
 def _check_rejects_in_row(in_row: int, rejects: RejectCounts) -> int:
@@ -465,14 +477,14 @@ class ShardStream:
         return out
 
     def first_samples(self, limit: int) -> list[tuple[np.ndarray, str | None]]:
-        """The first good samples of the sources, in order, decoded: the same on every rank,
-        e.g. fixed prompts or images for the trainers' grids."""
+        """The first good samples of the sources, in order, decoded, each with its first caption:
+        the same on every rank, e.g. fixed prompts or images for the trainers' grids."""
         samples = []
         for source in self.sources:
             for shard, _ in source.shards:
                 for raw in iter_shard(shard, RejectCounts()):
                     try:
-                        samples.append((self.format.decode(raw), caption_of(raw)))
+                        samples.append((self.format.decode(raw), captions_of(raw)[0]))
                     except Rejected:
                         continue
                     if len(samples) == limit:

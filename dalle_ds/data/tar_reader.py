@@ -11,9 +11,12 @@ part starting with ``.`` or ``__``), directories, links and names without an ext
 skipped; a leading ``./`` is dropped.
 
 Bad shards are counted, never raised: one that cannot be opened counts ``unreadable_shard``;
-one damaged part way (cut short, missing its end-of-archive block, a corrupt header) yields
-every sample read before the damage, drops the sample being read, and counts
-``truncated_shard``. A file repeated within one sample counts ``duplicate_member`` and is
+one damaged part way (cut short, missing its end-of-archive block, a corrupt header) counts
+``truncated_shard`` and yields every sample read before the damage. The sample being read when
+the damage came is kept with the files that arrived whole, if they hold its caption and its image
+(or a token shard's codes): the damage may have cut only an optional file (json), or nothing of
+it at all (the next sample's header). Otherwise it is really incomplete: dropped, counted
+``incomplete_sample``. A file repeated within one sample counts ``duplicate_member`` and is
 dropped.
 """
 
@@ -42,6 +45,8 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 _BAD_DATA = (tarfile.TarError, OSError, EOFError, ValueError, OverflowError, MemoryError, zlib.error,
              lzma.LZMAError)
 MAX_MEMBER_BYTES = 1 << 30  # a larger member is no image or caption: refused before it is read
+# What a sample is about, besides its caption: an image, or a token shard's code grid.
+PAYLOAD_EXTENSIONS = (*IMAGE_EXTENSIONS, "codes")
 
 
 @dataclass
@@ -107,9 +112,9 @@ def image_of(sample: RawSample) -> tuple[str, bytes]:
     return ext, sample.files[ext]
 
 
-def image_and_caption(sample: RawSample) -> tuple[str, bytes, str]:
-    """(image extension, image bytes, stripped caption) of a raw image-text sample."""
-    return *image_of(sample), caption_of(sample)
+def image_and_captions(sample: RawSample) -> tuple[str, bytes, list[str]]:
+    """(image extension, image bytes, captions) of a raw image-text sample."""
+    return *image_of(sample), captions_of(sample)
 
 
 def count_samples(path: str) -> int:
@@ -127,27 +132,29 @@ def count_samples(path: str) -> int:
     return len(keys)
 
 
-def caption_of(sample: RawSample) -> str:
-    """The stripped caption of a sample; Rejected when missing, not UTF-8 or empty."""
+def captions_of(sample: RawSample) -> list[str]:
+    """A sample's captions: the stripped non-empty lines of its txt, one caption per line (a
+    COCO-style txt holds several); Rejected when missing, not UTF-8 or without any."""
     if "txt" not in sample.files:
         raise Rejected("missing_caption", "no txt file")
     try:
         # utf-8-sig: captions saved by Windows editors start with a byte order mark
-        caption = sample.files["txt"].decode("utf-8-sig").strip()
+        text = sample.files["txt"].decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise Rejected("caption_not_utf8", str(exc)) from None
-    if not caption:
+    captions = [line.strip() for line in text.split("\n") if line.strip()]  # strip() takes a CRLF's \r
+    if not captions:
         raise Rejected("empty_caption")
-    return caption
+    return captions
 
 
 def iter_captions(shards: Iterable[str], rejects: RejectCounts | None = None) -> Iterator[str]:
-    """Every good caption of the shards, in order (for tokenizer training)."""
+    """Every good caption of the shards, all of each sample's, in order (for tokenizer training)."""
     rejects = RejectCounts() if rejects is None else rejects
     for shard in shards:
         for sample in iter_shard(shard, rejects):
             try:
-                yield caption_of(sample)
+                yield from captions_of(sample)
             except Rejected as rejected:
                 rejects.add(rejected.reason, sample.key, shard)
 
@@ -159,7 +166,7 @@ def _samples(tar: tarfile.TarFile, path: str, rejects: RejectCounts) -> Iterator
         try:
             info = next(headers, None)
         except _BAD_DATA as exc:
-            _damaged(rejects, path, exc, key)
+            yield from _damaged(rejects, path, exc, key, files)
             return
         if info is None:
             break
@@ -177,9 +184,10 @@ def _samples(tar: tarfile.TarFile, path: str, rejects: RejectCounts) -> Iterator
             rejects.add("member_too_large", key, path)
             continue
         try:
+            # a member cut short raises (tarfile checks the length read), so files hold only whole ones
             files[split[1]] = tar.extractfile(info).read()
         except _BAD_DATA as exc:
-            _damaged(rejects, path, exc, key)
+            yield from _damaged(rejects, path, exc, key, files)
             return
     if files:
         yield RawSample(key, path, files)
@@ -193,9 +201,15 @@ def _regular_headers(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
             yield info
 
 
-def _damaged(rejects: RejectCounts, path: str, exc: Exception, key: str | None) -> None:
-    # The sample being read when the damage hit may lack files: it is dropped.
-    _shard_failed(rejects, "truncated_shard", path, exc, key or "")
+def _damaged(rejects: RejectCounts, path: str, exc: Exception, key: str | None,
+             files: dict[str, bytes]) -> Iterator[RawSample]:
+    """The end of a damaged shard: the sample being read, ``key``'s whole ``files``, if they
+    hold what a sample needs (see the module doc)."""
+    _shard_failed(rejects, "truncated_shard", path, exc)
+    if "txt" in files and any(ext in files for ext in PAYLOAD_EXTENSIONS):
+        yield RawSample(key, path, files)
+    elif key is not None:
+        rejects.add("incomplete_sample", key, path)
 
 
 def _key_and_extension(name: str) -> tuple[str, str] | None:

@@ -3,7 +3,7 @@
 A token shard is a tar in WebDataset layout. Each sample ``{key}`` holds
 - ``{key}.codes``: the dVAE code grid, row-major, raw little-endian integers of the dtype named
   in the folder's manifest (the smallest that fits the codebook);
-- ``{key}.txt``: the caption, UTF-8;
+- ``{key}.txt``: the caption, UTF-8; several captions of one image, one per line;
 - ``{key}.json``: metadata: the source key and shard.
 Raw bytes and JSON only: reading a shard never unpickles anything.
 
@@ -37,7 +37,7 @@ def codes_dtype(num_codes: int) -> np.dtype:
 class TokenSample:
     key: str
     codes: np.ndarray  # (grid * grid,) integers
-    caption: str
+    caption: str  # several captions are one per line
     meta: dict
 
 

@@ -15,6 +15,11 @@ class KVCache:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
 
+    @staticmethod
+    def nbytes_for(num_layers: int, batch: int, heads: int, max_len: int, dim_head: int, dtype: torch.dtype) -> int:
+        """What ``append`` allocates over all layers: keys and values of (batch, heads, max_len, dim_head)."""
+        return 2 * num_layers * batch * heads * max_len * dim_head * dtype.itemsize
+
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: (b, h, t, d) for positions [length, length + t) -> all cached (b, h, length + t, d)."""
         if self.keys[layer] is None:
