@@ -85,14 +85,14 @@ def _run_pretokenize(args):
 
     from .data.pretokenize import pretokenize
     from .data.shards import default_job_partition
-    from .models.vae import DiscreteVAE
+    from .models.image_tokenizer import ImageTokenizer
     from .training.export import load_trained
 
     index, count = default_job_partition()
     job_index = index if args.job_index is None else args.job_index
     num_jobs = count if args.num_jobs is None else args.num_jobs
     shards = _shards(args.data)  # before loading the VAE: a bad pattern fails fast
-    vae = load_trained(args.vae, DiscreteVAE)[0]
+    vae = load_trained(args.vae, ImageTokenizer)[0]
     summary = pretokenize(shards, vae, args.out, job_index=job_index, num_jobs=num_jobs,
                           batch_size=args.batch_size, device=torch.device(args.device) if args.device else None,
                           progress=not args.no_progress)
@@ -111,11 +111,11 @@ def _add_decode_check(sub):
 def _run_decode_check(args):
     from .data.decode_check import decode_check
     from .data.manifest import Manifest
-    from .models.vae import DiscreteVAE
+    from .models.image_tokenizer import ImageTokenizer
     from .training.export import load_trained
 
     Manifest.load(args.data)  # before loading the VAE: a wrong folder fails fast
-    n = decode_check(args.data, load_trained(args.vae, DiscreteVAE)[0], args.out, args.num_samples)
+    n = decode_check(args.data, load_trained(args.vae, ImageTokenizer)[0], args.out, args.num_samples)
     return f"decode-check: wrote {n} decoded samples to {args.out}"
 
 
