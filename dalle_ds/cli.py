@@ -64,6 +64,51 @@ def _run_train_tokenizer(args):
     return f"train-tokenizer: wrote {path} (vocab {args.vocab_size}, {args.model_type}) from {len(shards)} shards"
 
 
+_IMPORT_FLAGS = {"taming": ("ckpt", "config"), "openai": ("encoder", "decoder", "image_size")}  # format -> its flags
+
+
+def _add_import_vae(sub):
+    from .config import constructor_defaults
+    from .models.openai_dvae import OpenAIDiscreteVAE
+
+    size = constructor_defaults(OpenAIDiscreteVAE)["image_size"]
+    p = sub.add_parser("import-vae", help="a pretrained image tokenizer (taming-transformers' VQGAN, OpenAI's dVAE) "
+                                          "-> a model folder to give as --vae")
+    p.add_argument("--format", required=True, choices=sorted(_IMPORT_FLAGS), help="whose release format")
+    p.add_argument("--out", required=True, help="model folder to write (model.safetensors + config.json)")
+    p.add_argument("--ckpt", help="taming: the Lightning checkpoint (.ckpt)")
+    p.add_argument("--config", help="taming: the model's YAML (model.target VQModel or GumbelVQ)")
+    p.add_argument("--encoder", help="openai: encoder.pkl")
+    p.add_argument("--decoder", help="openai: decoder.pkl")
+    p.add_argument("--image-size", type=int, help=f"openai: side of the images to tokenize (default {size})")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow unpickling, which can run code from the file: taming checkpoints that hold more "
+                        "than weights, and OpenAI's .pkl files (always pickles)")
+    p.set_defaults(run=_run_import_vae)
+
+
+def _run_import_vae(args):
+    from .import_vae import import_openai, import_taming
+
+    def flags(names):
+        return ", ".join("--" + name.replace("_", "-") for name in names)
+
+    needed = [name for name in _IMPORT_FLAGS[args.format] if name != "image_size" and getattr(args, name) is None]
+    if needed:
+        raise ValueError(f"--format {args.format} needs {flags(needed)}")
+    stray = [name for fmt, names in _IMPORT_FLAGS.items() if fmt != args.format for name in names
+             if getattr(args, name) is not None]
+    if stray:
+        raise ValueError(f"{flags(stray)} do not go with --format {args.format}")
+    if args.format == "taming":
+        model = import_taming(args.ckpt, args.config, args.out, trust_pickle=args.trust_pickle)
+    else:
+        model = import_openai(args.encoder, args.decoder, args.out, trust_pickle=args.trust_pickle,
+                              image_size=args.image_size)
+    return (f"import-vae: wrote {args.out} ({type(model).__name__}: {model.num_tokens} codes, "
+            f"{model.image_size}px images -> {model.grid_size}x{model.grid_size} grid); give it as --vae")
+
+
 def _add_pretokenize(sub):
     p = sub.add_parser("pretokenize", help="encode image-text shards into token shards with a frozen dVAE")
     p.add_argument("--data", required=True, nargs="+", help="input shards: brace pattern, glob, folder or tar paths")
@@ -257,8 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error (also DALLE_DS_DEBUG=1); anywhere on the line")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_prep_folder, _add_train_tokenizer, _add_pretokenize, _add_decode_check, _add_trainers,
-                _add_export, _add_generate, _add_eval, _add_demo):
+    for add in (_add_prep_folder, _add_train_tokenizer, _add_import_vae, _add_pretokenize, _add_decode_check,
+                _add_trainers, _add_export, _add_generate, _add_eval, _add_demo):
         add(sub)
     return parser
 
