@@ -113,7 +113,7 @@ def _add_pretokenize(sub):
     p = sub.add_parser("pretokenize", help="encode image-text shards into token shards with a frozen dVAE")
     p.add_argument("--data", required=True, nargs="+", help="input shards: brace pattern, glob, folder or tar paths")
     p.add_argument("--vae", required=True,
-                   help="the dVAE: an export (or save_pretrained) folder, or a train-vae run folder")
+                   help="the dVAE: an export (or save_pretrained or import-vae) folder, or a train-vae run folder")
     p.add_argument("--out", required=True, help="output folder: token shards, stats and manifest.json")
     p.add_argument("--job-index", type=int, default=None,
                    help="this job's index among --num-jobs (default: SLURM_ARRAY_TASK_ID, else RANK, else 0)")
@@ -147,7 +147,8 @@ def _run_pretokenize(args):
 def _add_decode_check(sub):
     p = sub.add_parser("decode-check", help="decode token-shard samples through the dVAE into a captioned PNG grid")
     p.add_argument("--data", required=True, help="a token-shard folder (with manifest.json)")
-    p.add_argument("--vae", required=True, help="the dVAE the shards were made with (export or train-vae run folder)")
+    p.add_argument("--vae", required=True,
+                   help="the dVAE the shards were made with (export, import-vae or train-vae run folder)")
     p.add_argument("--out", required=True, help="the PNG to write")
     p.add_argument("--num-samples", type=int, default=16, help="how many samples to decode (default 16)")
     p.set_defaults(run=_run_decode_check)
