@@ -12,6 +12,7 @@ like a trained dVAE.
 from __future__ import annotations
 
 import pickle
+import types
 from pathlib import Path
 
 import torch
@@ -53,13 +54,29 @@ def taming_config(config_path) -> dict:
                 channels=dd["in_channels"], quantizer=TAMING_MODELS[target.rsplit(".", 1)[-1]])
 
 
+class _StandInUnpickler(pickle.Unpickler):
+    """Unpickles in full, but reads a class whose module is not installed (Lightning's callbacks,
+    which Lightning checkpoints hold besides the weights) as an empty stand-in: only the weights
+    are used, and taming's checkpoints then need no Lightning."""
+
+    def find_class(self, module, name):
+        try:
+            return super().find_class(module, name)
+        except (ModuleNotFoundError, AttributeError):
+            return type(name, (), {"__module__": module, "__init__": lambda self, *args, **kwargs: None,
+                                   "__setstate__": lambda self, state: None})
+
+
+_STAND_IN_PICKLE = types.SimpleNamespace(Unpickler=_StandInUnpickler, load=pickle.load, __name__="pickle")
+
+
 def read_checkpoint(path, trust_pickle: bool):
     """torch.load of a checkpoint: tensors and plain containers only, unless the user trusts it."""
+    if trust_pickle:
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_STAND_IN_PICKLE)
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if trust_pickle:
-            raise
         raise ValueError(f"{path} holds pickled objects besides weights (Lightning checkpoints may), which safe "
                          f"loading refuses; if you trust the file, add --trust-pickle to unpickle it") from error
 
@@ -114,8 +131,8 @@ def import_openai(encoder, decoder, out_dir, trust_pickle: bool = False,
                   image_size: int | None = None) -> OpenAIDiscreteVAE:
     """``image_size``: of the images to tokenize (None: OpenAIDiscreteVAE's default, the size OpenAI trained at)."""
     if not trust_pickle:
-        raise ValueError("encoder.pkl and decoder.pkl are whole pickled modules, and unpickling runs code from "
-                         "the file: add --trust-pickle if you trust them")
+        raise ValueError(f"{encoder} and {decoder} are whole pickled modules, and unpickling runs code from "
+                         f"the file: add --trust-pickle if you trust them")
     enc, dec = _unpickle_dall_e(encoder, "Encoder"), _unpickle_dall_e(decoder, "Decoder")
     pairs = {"vocab_size": (enc.vocab_size, dec.vocab_size), "n_hid": (enc.n_hid, dec.n_hid),
              "n_blk_per_group": (enc.n_blk_per_group, dec.n_blk_per_group),

@@ -9,6 +9,7 @@ A test skips only where a package is absent."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -99,9 +100,24 @@ def write_taming(folder: Path, kind: str = "VQModel", seed: int = 0, **extra) ->
     return folder / "model.ckpt", folder / "model.yaml", reference
 
 
-def pickled_hparams() -> dict:
-    """What makes a real Lightning checkpoint unreadable with weights_only: pickled objects."""
-    return {"hyper_parameters": argparse.Namespace(lr=4.5e-6)}
+@contextlib.contextmanager
+def lightning_extras():
+    """What makes a real Lightning checkpoint unreadable with weights_only: pickled objects, among
+    them callback states keyed by the callback's class. Its module exists only while the
+    checkpoint is written, as Lightning is not installed where import-vae reads it."""
+    module = types.ModuleType("lightning_callbacks_stand_in")
+
+    class ModelCheckpoint:
+        pass
+
+    ModelCheckpoint.__module__, ModelCheckpoint.__qualname__ = module.__name__, "ModelCheckpoint"
+    module.ModelCheckpoint = ModelCheckpoint
+    sys.modules[module.__name__] = module
+    try:
+        yield {"callbacks": {ModelCheckpoint: {"best_model_score": torch.tensor(0.25)}},
+               "hyper_parameters": argparse.Namespace(lr=4.5e-6)}
+    finally:
+        del sys.modules[module.__name__]
 
 
 def dall_e():

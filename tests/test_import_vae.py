@@ -10,7 +10,7 @@ import torch
 from dalle_ds import VQGAN, ImageTokenizer, OpenAIDiscreteVAE
 from dalle_ds.cli import main
 from dalle_ds.models.pretrained import model_fingerprint
-from reference_tokenizers import dall_e, pickled_hparams, taming_yaml, write_openai, write_taming
+from reference_tokenizers import dall_e, lightning_extras, taming_yaml, write_openai, write_taming
 
 
 def import_taming(folder, out, *extra):
@@ -81,8 +81,9 @@ def test_openai_pickles_convert_to_a_dvae_that_matches_dall_e(tmp_path, capsys):
     torch.testing.assert_close(ours.decode(codes), expected_images, atol=1e-5, rtol=1e-5)
 
 
-def test_a_checkpoint_with_pickled_objects_needs_trust_pickle(tmp_path, capsys):
-    write_taming(tmp_path / "taming", **pickled_hparams())
+def test_a_checkpoint_with_pickled_objects_needs_trust_pickle_but_not_lightning(tmp_path, capsys):
+    with lightning_extras() as extras:
+        write_taming(tmp_path / "taming", **extras)
     assert import_taming(tmp_path / "taming", tmp_path / "vae") == 2
     err = capsys.readouterr().err
     assert "holds pickled objects besides weights" in err and "add --trust-pickle" in err
