@@ -64,11 +64,56 @@ def _run_train_tokenizer(args):
     return f"train-tokenizer: wrote {path} (vocab {args.vocab_size}, {args.model_type}) from {len(shards)} shards"
 
 
+_IMPORT_FLAGS = {"taming": ("ckpt", "config"), "openai": ("encoder", "decoder", "image_size")}  # format -> its flags
+
+
+def _add_import_vae(sub):
+    from .config import constructor_defaults
+    from .models.openai_dvae import OpenAIDiscreteVAE
+
+    size = constructor_defaults(OpenAIDiscreteVAE)["image_size"]
+    p = sub.add_parser("import-vae", help="a pretrained image tokenizer (taming-transformers' VQGAN, OpenAI's dVAE) "
+                                          "-> a model folder to give as --vae")
+    p.add_argument("--format", required=True, choices=sorted(_IMPORT_FLAGS), help="whose release format")
+    p.add_argument("--out", required=True, help="model folder to write (model.safetensors + config.json)")
+    p.add_argument("--ckpt", help="taming: the Lightning checkpoint (.ckpt)")
+    p.add_argument("--config", help="taming: the model's YAML (model.target VQModel or GumbelVQ)")
+    p.add_argument("--encoder", help="openai: encoder.pkl")
+    p.add_argument("--decoder", help="openai: decoder.pkl")
+    p.add_argument("--image-size", type=int, help=f"openai: side of the images to tokenize (default {size})")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow unpickling, which can run code from the file: taming checkpoints that hold more "
+                        "than weights, and OpenAI's .pkl files (always pickles)")
+    p.set_defaults(run=_run_import_vae)
+
+
+def _run_import_vae(args):
+    from .import_vae import import_openai, import_taming
+
+    def flags(names):
+        return ", ".join("--" + name.replace("_", "-") for name in names)
+
+    needed = [name for name in _IMPORT_FLAGS[args.format] if name != "image_size" and getattr(args, name) is None]
+    if needed:
+        raise ValueError(f"--format {args.format} needs {flags(needed)}")
+    stray = [name for fmt, names in _IMPORT_FLAGS.items() if fmt != args.format for name in names
+             if getattr(args, name) is not None]
+    if stray:
+        raise ValueError(f"{flags(stray)} do not go with --format {args.format}")
+    if args.format == "taming":
+        model = import_taming(args.ckpt, args.config, args.out, trust_pickle=args.trust_pickle)
+    else:
+        model = import_openai(args.encoder, args.decoder, args.out, trust_pickle=args.trust_pickle,
+                              image_size=args.image_size)
+    return (f"import-vae: wrote {args.out} ({type(model).__name__}: {model.num_tokens} codes, "
+            f"{model.image_size}px images -> {model.grid_size}x{model.grid_size} grid); give it as --vae")
+
+
 def _add_pretokenize(sub):
     p = sub.add_parser("pretokenize", help="encode image-text shards into token shards with a frozen dVAE")
     p.add_argument("--data", required=True, nargs="+", help="input shards: brace pattern, glob, folder or tar paths")
     p.add_argument("--vae", required=True,
-                   help="the dVAE: an export (or save_pretrained) folder, or a train-vae run folder")
+                   help="the dVAE: an export (or save_pretrained or import-vae) folder, or a train-vae run folder")
     p.add_argument("--out", required=True, help="output folder: token shards, stats and manifest.json")
     p.add_argument("--job-index", type=int, default=None,
                    help="this job's index among --num-jobs (default: SLURM_ARRAY_TASK_ID, else RANK, else 0)")
@@ -85,14 +130,14 @@ def _run_pretokenize(args):
 
     from .data.pretokenize import pretokenize
     from .data.shards import default_job_partition
-    from .models.vae import DiscreteVAE
+    from .models.image_tokenizer import ImageTokenizer
     from .training.export import load_trained
 
     index, count = default_job_partition()
     job_index = index if args.job_index is None else args.job_index
     num_jobs = count if args.num_jobs is None else args.num_jobs
     shards = _shards(args.data)  # before loading the VAE: a bad pattern fails fast
-    vae = load_trained(args.vae, DiscreteVAE)[0]
+    vae = load_trained(args.vae, ImageTokenizer)[0]
     summary = pretokenize(shards, vae, args.out, job_index=job_index, num_jobs=num_jobs,
                           batch_size=args.batch_size, device=torch.device(args.device) if args.device else None,
                           progress=not args.no_progress)
@@ -102,7 +147,8 @@ def _run_pretokenize(args):
 def _add_decode_check(sub):
     p = sub.add_parser("decode-check", help="decode token-shard samples through the dVAE into a captioned PNG grid")
     p.add_argument("--data", required=True, help="a token-shard folder (with manifest.json)")
-    p.add_argument("--vae", required=True, help="the dVAE the shards were made with (export or train-vae run folder)")
+    p.add_argument("--vae", required=True,
+                   help="the dVAE the shards were made with (export, import-vae or train-vae run folder)")
     p.add_argument("--out", required=True, help="the PNG to write")
     p.add_argument("--num-samples", type=int, default=16, help="how many samples to decode (default 16)")
     p.set_defaults(run=_run_decode_check)
@@ -111,11 +157,11 @@ def _add_decode_check(sub):
 def _run_decode_check(args):
     from .data.decode_check import decode_check
     from .data.manifest import Manifest
-    from .models.vae import DiscreteVAE
+    from .models.image_tokenizer import ImageTokenizer
     from .training.export import load_trained
 
     Manifest.load(args.data)  # before loading the VAE: a wrong folder fails fast
-    n = decode_check(args.data, load_trained(args.vae, DiscreteVAE)[0], args.out, args.num_samples)
+    n = decode_check(args.data, load_trained(args.vae, ImageTokenizer)[0], args.out, args.num_samples)
     return f"decode-check: wrote {n} decoded samples to {args.out}"
 
 
@@ -265,8 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error (also DALLE_DS_DEBUG=1); anywhere on the line")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_prep_folder, _add_train_tokenizer, _add_pretokenize, _add_decode_check, _add_trainers,
-                _add_export, _add_generate, _add_eval, _add_demo):
+    for add in (_add_prep_folder, _add_train_tokenizer, _add_import_vae, _add_pretokenize, _add_decode_check,
+                _add_trainers, _add_export, _add_generate, _add_eval, _add_demo):
         add(sub)
     return parser
 

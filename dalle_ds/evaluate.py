@@ -25,8 +25,8 @@ from .data.stream import ImageTextStream, StreamConfig, TokenStream
 from .data.tokenizer import CaptionTokenizer
 from .models.clip import CLIP
 from .models.dalle import DALLE
+from .models.image_tokenizer import ImageTokenizer
 from .models.pretrained import model_fingerprint
-from .models.vae import DiscreteVAE
 from .training.export import load_trained, load_with_tokenizer
 from .training.metrics import codebook_usage
 
@@ -41,7 +41,7 @@ def _batches(items: list, size: int):
 
 
 @torch.inference_mode()
-def eval_vae(vae: DiscreteVAE, shards: str, max_samples: int, batch_size: int = 32) -> dict:
+def eval_vae(vae: ImageTokenizer, shards: str, max_samples: int, batch_size: int = 32) -> dict:
     stream = ImageTextStream(shards, vae.image_size, StreamConfig(num_workers=0))
     samples = stream.first_samples(max_samples)
     if not samples:
@@ -97,7 +97,7 @@ def evaluate(out, *, vae=None, images=None, dalle=None, tokens=None, generations
     as JSON and returned."""
     results = {}
     if vae:
-        results["vae"] = eval_vae(load_trained(vae, DiscreteVAE)[0], images, max_samples)
+        results["vae"] = eval_vae(load_trained(vae, ImageTokenizer)[0], images, max_samples)
     if dalle:
         results["dalle"] = eval_dalle(*load_with_tokenizer(dalle, DALLE, "--dalle"), tokens, max_samples)
     if generations:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import torch
 
 from ..grids import caption_grid
+from ..models.image_tokenizer import ImageTokenizer
 from ..models.pretrained import model_fingerprint
-from ..models.vae import DiscreteVAE
 from .stream import StreamConfig, TokenStream
 
 
 @torch.inference_mode()
-def decode_check(folder, vae: DiscreteVAE, out_png, num_samples: int = 16) -> int:
+def decode_check(folder, vae: ImageTokenizer, out_png, num_samples: int = 16) -> int:
     # the stream refuses shards of another dVAE, and reads them as training will
     stream = TokenStream(folder, None, 0, StreamConfig(num_workers=0), vae_fingerprint=model_fingerprint(vae))
     samples = stream.first_samples(num_samples)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ..models.image_tokenizer import ImageTokenizer
 from ..models.pretrained import model_fingerprint
-from ..models.vae import DiscreteVAE
 from .errors import Rejected
 from .images import decode_image, images_to_float
 from .manifest import ShardRecord, finished_shards, merge_manifest, write_shard_record
@@ -68,7 +68,7 @@ def output_names(shards: list[str]) -> dict[str, str]:
     return names
 
 
-def manifest_header(vae: DiscreteVAE) -> dict:
+def manifest_header(vae: ImageTokenizer) -> dict:
     return dict(vae_fingerprint=model_fingerprint(vae), image_size=vae.image_size, grid_size=vae.grid_size,
                 num_codes=vae.num_tokens, codes_dtype=codes_dtype(vae.num_tokens).str)
 
@@ -80,7 +80,7 @@ def default_device() -> torch.device:
 class _Encoder:
     """Batches decoded images through the frozen VAE (bf16 autocast on GPU)."""
 
-    def __init__(self, vae: DiscreteVAE, device: torch.device):
+    def __init__(self, vae: ImageTokenizer, device: torch.device):
         self.vae = vae.to(device).eval().requires_grad_(False)
         self.device = device
 
@@ -138,7 +138,7 @@ def _write_rejects_log(out_path: Path, rejects: RejectCounts) -> None:
         out_path.with_name(out_path.name + ".rejects.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def pretokenize(shards: list[str], vae: DiscreteVAE, out_dir, *, job_index: int = 0, num_jobs: int = 1,
+def pretokenize(shards: list[str], vae: ImageTokenizer, out_dir, *, job_index: int = 0, num_jobs: int = 1,
                 batch_size: int = 64, device: torch.device | None = None, progress: bool = True) -> PretokenizeSummary:
     """Pretokenizes this job's share of ``shards`` into ``out_dir`` and updates its manifest."""
     if batch_size < 1:

@@ -63,6 +63,12 @@ def model_from_config(record: dict) -> torch.nn.Module:
     return _REGISTRY[name](**_from_json(record["config"]))
 
 
+def holds(record: dict, cls: type) -> bool:
+    """Whether a config record is of ``cls`` or of a subclass (a VQGAN is an ImageTokenizer)."""
+    found = _REGISTRY.get(record.get("model_class"))
+    return found is not None and issubclass(found, cls)
+
+
 def model_fingerprint(model: "PretrainedMixin") -> str:
     """sha256 of a model's config and weights: names the exact model that made some data
     (token shards record the dVAE that encoded them)."""
@@ -101,7 +107,7 @@ class PretrainedMixin:
                 f"(written by save_pretrained)"
             )
         record = json.loads(config_path.read_text())
-        if record.get("model_class") != cls.__name__:
+        if not holds(record, cls):
             raise ValueError(
                 f"{directory} holds a {record.get('model_class')}, not a {cls.__name__}; "
                 f"load it with {record.get('model_class')}.from_pretrained"

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .pretrained import PretrainedMixin, records_config
+from .image_tokenizer import ImageTokenizer
+from .pretrained import records_config
 
 
 class ResBlock(nn.Module):
@@ -30,7 +31,7 @@ class ResBlock(nn.Module):
         return self.net(x) + x
 
 
-class DiscreteVAE(PretrainedMixin, nn.Module):
+class DiscreteVAE(ImageTokenizer, nn.Module):
     @records_config
     def __init__(
         self,
@@ -99,22 +100,6 @@ class DiscreteVAE(PretrainedMixin, nn.Module):
     def grid_size(self) -> int:
         """Side of the code grid: image_size / 2 ** num_layers."""
         return self.image_size // (2**self.num_layers)
-
-    def check_images(self, images: torch.Tensor) -> None:
-        expected = (self.channels, self.image_size, self.image_size)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(
-                f"DiscreteVAE expects images of shape (batch, {', '.join(map(str, expected))}), "
-                f"got {tuple(images.shape)}"
-            )
-
-    def check_codes(self, codes: torch.Tensor) -> None:
-        n = self.grid_size**2
-        if codes.ndim != 2 or codes.shape[1] != n:
-            raise ValueError(f"expected codes of shape (batch, {n}), got {tuple(codes.shape)}")
-        if codes.dtype.is_floating_point or codes.numel() and (codes.min() < 0 or codes.max() >= self.num_tokens):
-            raise ValueError(f"codes must be integers in [0, {self.num_tokens}), got {codes.dtype} "
-                             f"in [{codes.min().item()}, {codes.max().item()}]")
 
     def _standardise(self, images):
         # in the images' dtype: engines that cast the weights to bf16 may leave buffers in fp32

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from ..files import atomic_write_bytes
-from ..models.pretrained import CONFIG_FILE, model_from_config
+from ..models.image_tokenizer import ImageTokenizer
+from ..models.pretrained import CONFIG_FILE, holds, model_from_config
 from . import checkpoint
 
 MODEL_CONFIG = "model_config.json"  # the model's config record, written by the trainer at start
@@ -55,9 +56,7 @@ def consolidate(run_dir) -> torch.nn.Module:
     state = _trained_weights(run_dir / checkpoint.CHECKPOINTS, tag)
     state = {name: tensor.to(torch.float32) for name, tensor in state.items() if not name.startswith("vae.")}
     if hasattr(model, "vae"):
-        from ..models.vae import DiscreteVAE
-
-        model.vae = DiscreteVAE.from_pretrained(run_dir / FROZEN_VAE).eval().requires_grad_(False)
+        model.vae = ImageTokenizer.from_pretrained(run_dir / FROZEN_VAE).eval().requires_grad_(False)
         state.update({f"vae.{k}": v for k, v in model.vae.state_dict().items()})
     model.load_state_dict(state, strict=True)
     return model
@@ -99,11 +98,13 @@ def trained_record(path, kind: type) -> Path:
     if record_file is None:
         raise ValueError(f"{path} is neither a model folder (dalle-ds export writes one) nor a training run folder "
                          f"(the --out of dalle-ds train-*)")
-    found = json.loads(record_file.read_text()).get("model_class")
-    if found != kind.__name__:
-        raise ValueError(f"{path} holds a {found}, not a {kind.__name__}: give the folder of a "
-                         f"{_TRAINED_BY.get(kind.__name__, 'training')} run or of its export")
+    record = json.loads(record_file.read_text())
+    if not holds(record, kind):
+        raise ValueError(f"{path} holds a {record.get('model_class')}, not a {kind.__name__}: give the folder of "
+                         f"{_MADE_BY.get(kind.__name__, 'a training run or of its export')}")
     return record_file
 
 
-_TRAINED_BY = {"DALLE": "train-dalle", "CLIP": "train-clip", "DiscreteVAE": "train-vae"}
+_MADE_BY = {"DALLE": "a train-dalle run or of its export", "CLIP": "a train-clip run or of its export",
+            "DiscreteVAE": "a train-vae run or of its export",
+            "ImageTokenizer": "a train-vae run, of its export or of dalle-ds import-vae"}

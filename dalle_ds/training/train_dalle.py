@@ -18,8 +18,8 @@ from ..config import constructor_defaults, to_dict
 from ..data.stream import TokenStream
 from ..data.tokenizer import CaptionTokenizer
 from ..models.dalle import DALLE
+from ..models.image_tokenizer import ImageTokenizer
 from ..models.pretrained import model_fingerprint
-from ..models.vae import DiscreteVAE
 from .export import load_trained, trained_record
 from .metrics import dalle_flops_per_token
 from .trainer import LoggingConfig, PathsConfig, RunConfig, Trainer, add_common_arguments, stream_config
@@ -88,10 +88,10 @@ class DalleTrainer(Trainer):
     def check_inputs(self) -> None:
         super().check_inputs()
         self.tokenizer = CaptionTokenizer(self.config.paths.tokenizer)  # checked here, used by build_model
-        trained_record(self.config.paths.vae, DiscreteVAE)
+        trained_record(self.config.paths.vae, ImageTokenizer)
 
     def build_model(self) -> DALLE:
-        vae = load_trained(self.config.paths.vae, DiscreteVAE)[0]
+        vae = load_trained(self.config.paths.vae, ImageTokenizer)[0]
         self.vae_fingerprint = model_fingerprint(vae)
         return DALLE(vae=vae, num_text_tokens=self.tokenizer.vocab_size, **to_dict(self.config.model))
 
