@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from .models.openai_dvae import OpenAIDiscreteVAE
+from .models.pretrained import load_strict
 from .models.vqgan import VQGAN
 
 TAMING_MODELS = {"VQModel": "vq", "GumbelVQ": "gumbel"}  # model.target's class -> VQGAN's quantizer
@@ -81,28 +82,13 @@ def read_checkpoint(path, trust_pickle: bool):
                          f"loading refuses; if you trust the file, add --trust-pickle to unpickle it") from error
 
 
-def load_weights(model: torch.nn.Module, weights: dict, source: str) -> None:
-    """Strict load, or a ValueError that lists what does not fit."""
-    expected = model.state_dict()
-    problems = {
-        "missing": sorted(set(expected) - set(weights)),
-        "unexpected": sorted(set(weights) - set(expected)),
-        "of another shape": sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape),
-    }
-    if any(problems.values()):
-        found = "; ".join(f"{kind}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-                          for kind, keys in problems.items() if keys)
-        raise ValueError(f"the weights of {source} do not fit its config ({found})")
-    model.load_state_dict(weights)
-
-
 def import_taming(ckpt, config, out_dir, trust_pickle: bool = False) -> VQGAN:
     model = VQGAN(**taming_config(config))
     checkpoint = read_checkpoint(ckpt, trust_pickle)
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"{ckpt} has no state_dict: give a taming-transformers (Lightning) checkpoint")
-    load_weights(model, {k: v for k, v in state.items() if not k.startswith("loss.")}, f"{ckpt} and {config}")
+    load_strict(model, {k: v for k, v in state.items() if not k.startswith("loss.")}, f"{ckpt} and {config}")
     model.eval().save_pretrained(out_dir)
     return model
 
@@ -144,6 +130,6 @@ def import_openai(encoder, decoder, out_dir, trust_pickle: bool = False,
     model = OpenAIDiscreteVAE(**size, num_tokens=enc.vocab_size, hidden_dim=enc.n_hid,
                               blocks_per_group=enc.n_blk_per_group, init_dim=dec.n_init, channels=enc.input_channels)
     weights = {**_dall_e_weights(enc, "encoder"), **_dall_e_weights(dec, "decoder")}
-    load_weights(model, weights, f"{encoder} and {decoder}")
+    load_strict(model, weights, f"{encoder} and {decoder}")
     model.eval().save_pretrained(out_dir)
     return model

@@ -338,3 +338,32 @@ def test_a_run_resumes_on_another_number_of_ranks(inputs, tmp_path, ds_config, r
         assert resumed_state[name][1] == pytest.approx(exp_avg_sq, abs=1e-9), name
     trained = losses(out)
     assert trained[4] == pytest.approx(expected_loss, rel=1e-5) and 5 in trained
+
+
+def test_fine_tuning_from_an_export_continues_at_its_loss(inputs, tmp_path):
+    """--init-from: the new run's first loss is what the exported model gives on its first
+    batches, far below a fresh model's; the optimizer, schedule and data start afresh."""
+    from dalle_ds.config import load_config
+    from dalle_ds.data.stream import TokenStream
+    from dalle_ds.models.dalle import DALLE
+    from dalle_ds.models.pretrained import model_from_config
+    from dalle_ds.training.train_dalle import DalleRunConfig
+
+    no_dropout = "model.attn_dropout=0"
+    run(command(inputs, tmp_path / "base", "train.steps=8", no_dropout))
+    assert main(["export", str(tmp_path / "base"), "--out", str(tmp_path / "model")]) == 0
+    tuned = tmp_path / "tuned"
+    run(command(inputs, tuned, "train.steps=2", no_dropout, "--init-from", str(tmp_path / "model")))
+
+    config = load_config(DalleRunConfig, tuned / "config.yaml")
+    assert config.checkpoint.init_from == str(tmp_path / "model")
+    first = next(iter(TokenStream(inputs / "tokens", inputs / "tok.model", 8, trainer_module.stream_config(config))))
+    exported = DALLE.from_pretrained(tmp_path / "model").eval()
+    fresh = model_from_config(json.loads((tuned / "model_config.json").read_text())).eval()
+    with torch.no_grad():
+        expected, untrained = (float(m(first["text"], first["codes"], mask=first["mask"], return_loss=True))
+                               for m in (exported, fresh))
+    assert losses(tuned)[1] == pytest.approx(expected, rel=1e-5)
+    assert losses(tuned)[1] < 0.8 * untrained
+    rows = [json.loads(line) for line in (tuned / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["train/samples"] == 4 and rows[0]["train/lr"] < rows[1]["train/lr"]  # warm-up from step 0 again

@@ -104,6 +104,10 @@ class CaptionTokenizer:
     def vocab_size(self) -> int:
         return self._sp.vocab_size()
 
+    def pieces(self) -> list[str]:
+        """The vocabulary, by id."""
+        return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
+
     def encode(self, captions: Sequence[str], seq_len: int) -> EncodedCaptions:
         """Encode a batch (one sentencepiece call, multithreaded), cut to seq_len, pad with 0."""
         if isinstance(captions, str):

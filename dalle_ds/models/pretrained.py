@@ -69,6 +69,22 @@ def holds(record: dict, cls: type) -> bool:
     return found is not None and issubclass(found, cls)
 
 
+def load_strict(model: torch.nn.Module, weights: dict, source: str, into: str = "its config") -> None:
+    """Strict load, or a ValueError that lists what does not fit (``source`` names the weights,
+    ``into`` the model)."""
+    expected = model.state_dict()
+    problems = {
+        "missing": sorted(set(expected) - set(weights)),
+        "unexpected": sorted(set(weights) - set(expected)),
+        "of another shape": sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape),
+    }
+    if any(problems.values()):
+        found = "; ".join(f"{kind}: {', '.join(keys[:8])}{f' and {len(keys) - 8} more' if len(keys) > 8 else ''}"
+                          for kind, keys in problems.items() if keys)
+        raise ValueError(f"the weights of {source} do not fit {into} ({found})")
+    model.load_state_dict(weights)
+
+
 def model_fingerprint(model: "PretrainedMixin") -> str:
     """sha256 of a model's config and weights: names the exact model that made some data
     (token shards record the dVAE that encoded them)."""

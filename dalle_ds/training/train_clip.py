@@ -77,6 +77,8 @@ def retrieval_accuracy(text_latents: torch.Tensor, image_latents: torch.Tensor, 
 class ClipTrainer(Trainer):
     command = "train-clip"
     config_class = ClipRunConfig
+    model_class = CLIP
+    text_weights = ("text_emb.weight",)
 
     def check_config(self) -> None:
         super().check_config()

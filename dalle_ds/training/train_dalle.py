@@ -78,6 +78,8 @@ class DalleRunConfig(RunConfig):
 class DalleTrainer(Trainer):
     command = "train-dalle"
     config_class = DalleRunConfig
+    model_class = DALLE
+    text_weights = ("text_emb.weight", "to_text_logits.weight", "to_text_logits.bias")
     loss_names = ("loss/total", "loss/text", "loss/image")
 
     def check_config(self) -> None:

@@ -65,6 +65,7 @@ class VaeRunConfig(RunConfig):
 class VaeTrainer(Trainer):
     command = "train-vae"
     config_class = VaeRunConfig
+    model_class = DiscreteVAE
 
     def check_config(self) -> None:
         super().check_config()

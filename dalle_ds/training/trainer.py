@@ -30,6 +30,7 @@ from ..distributed import dist_env
 from . import checkpoint
 from .engine import build_engine, init_distributed, load_ds_config, whole_weights
 from .export import write_model_config
+from .init_from import check_init_from, init_from
 from .metrics import MetricsWriter, Throughput, measure_peak_flops
 from .optim import OptimConfig
 
@@ -61,6 +62,10 @@ class CheckpointConfig:
     every_steps: int = 1_000  # also on SIGTERM / SIGUSR1 (preemption)
     keep_last: int = 3  # older checkpoints are deleted
     resume: bool = False  # continue from the run folder's latest checkpoint (--resume)
+    # fine-tuning: a new run starts from this model's weights (an export or a run folder; --init-from),
+    # with a fresh optimizer, schedule and data position; ignored once the run has a checkpoint to resume
+    init_from: str = ""
+    resize_text_vocab: bool = False  # with init_from, another tokenizer: pieces both share keep their rows
 
 
 @dataclass
@@ -166,12 +171,14 @@ _NOISE = [(FutureWarning, r"`torch\.distributed\.all_gather_into_tensor` is depr
 
 
 class Trainer:
-    """Subclasses set ``command``, ``config_class`` and ``loss_names`` (the first is the one
-    trained on) and implement the hooks below the loop."""
+    """Subclasses set ``command``, ``config_class``, ``model_class``, ``loss_names`` (the first
+    is the one trained on) and ``text_weights``, and implement the hooks below the loop."""
 
     command: str
     config_class: type
+    model_class: type  # what the trainer builds, and what --init-from must hold
     loss_names: tuple[str, ...] = ("loss/total",)
+    text_weights: tuple[str, ...] = ()  # the model's weights with a row per text token (--init-from maps them)
 
     def __init__(self, config):
         self.config, self.env = config, dist_env()
@@ -180,6 +187,9 @@ class Trainer:
         # every check that reads only the config and files comes before the heavy start-up
         self.check_config()
         self.check_inputs()
+        if config.checkpoint.init_from:
+            check_init_from(config.checkpoint.init_from, self.model_class, getattr(self, "tokenizer", None),
+                            config.checkpoint.resize_text_vocab)
         init_distributed(self.env)
         self.run_dir = Path(config.paths.out)
         if self.env.is_main:
@@ -194,6 +204,9 @@ class Trainer:
         self.flops_per_token = self.measure_flops_per_token()  # reads the full weights: before ZeRO-3 splits them
         self.batch = batch_layout(train.micro_batch, self.env.world_size, train.global_batch, train.grad_accumulation)
         source = checkpoint.resume_source(self.run_dir) if self.config.checkpoint.resume else None
+        if config.checkpoint.init_from and source is None:  # a resumed fine-tuning run has its own weights
+            init_from(self.model, config.checkpoint.init_from, self.model_class, getattr(self, "tokenizer", None),
+                      self.text_weights)
         self._build_engine(load_universal=source is not None and source.universal)
         self.peak_flops = self.config.logging.peak_flops or measure_peak_flops(self.precision)
         torch.manual_seed(train.seed + 1 + self.env.rank)  # per-rank dropout, caption drops, Gumbel noise
@@ -406,18 +419,23 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML or JSON run config (keys: docs/configuration.md)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the run folder's latest checkpoint (checkpoint.resume)")
+    p.add_argument("--init-from", metavar="MODEL_DIR",
+                   help="fine-tune: start from this model's weights (an export or a run folder), with a fresh "
+                        "optimizer, schedule and data position (checkpoint.init_from)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-4")
 
 
 def config_from_args(trainer_class: type[Trainer], args: argparse.Namespace):
     """The run config of a command line: --config, then key=value overrides, then the path flags
-    given (each sets its ``paths.*``) and --resume."""
+    given (each sets its ``paths.*``), --resume and --init-from."""
     config = load_config(trainer_class.config_class, args.config, args.overrides)
     for name in vars(config.paths):
         if getattr(args, name, None) is not None:
             setattr(config.paths, name, getattr(args, name))
     if args.resume:
         config.checkpoint.resume = True
+    if args.init_from is not None:
+        config.checkpoint.init_from = args.init_from
     return config
 
 
