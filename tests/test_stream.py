@@ -157,6 +157,9 @@ def test_clear_errors_instead_of_hangs(data):
         TokenStream(folder, model, TEXT_LEN, StreamConfig(num_workers=3), rank=0, world_size=4)
     with pytest.raises(ValueError, match="made with another dVAE"):
         TokenStream(folder, model, TEXT_LEN, vae_fingerprint="0" * 64)
+    stream = TokenStream(folder, model, TEXT_LEN, StreamConfig(num_workers=2), rank=0, world_size=2)
+    with pytest.raises(ValueError, match="give load_state_dicts every rank's position"):
+        stream.load_state_dict({"epoch": 0, "consumed": [0, 0, 0], "positions": [0, 0, 0], "next_worker": 0})
 
 
 def test_resume_counts_each_reject_once(tmp_path, data):

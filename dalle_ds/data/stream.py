@@ -87,6 +87,9 @@ class Codes:
     length: int  # codes per image
     key = "codes"
 
+    def check_counted(self, raw: RawSample) -> None:
+        """Every sample of a token shard is in its manifest's count."""
+
     def decode(self, raw: RawSample) -> np.ndarray:
         if "codes" not in raw.files:
             raise Rejected("missing_codes")
@@ -106,6 +109,10 @@ class Pixels:
     size: int
     key = "images"
 
+    def check_counted(self, raw: RawSample) -> None:
+        """Rejected unless the shard's count includes it: raw shards count samples with an image."""
+        image_of(raw)
+
     def decode(self, raw: RawSample) -> np.ndarray:
         return decode_image(image_of(raw)[1], self.size).numpy()
 
@@ -117,7 +124,7 @@ class Pixels:
 class _WorkerPlan:
     shards: "list[str] | _ShardSampler"  # what the worker reads, in order
     batches: int  # full batches it can give this epoch
-    keep: dict[str, list[int]] | None = None  # after an elastic resume: the samples of each shard still to read
+    keep: dict[str, np.ndarray] | None = None  # after an elastic resume: each shard's samples still to read
 
 
 class _ShardSampler:
@@ -208,34 +215,34 @@ def _layout_plans(sources: list[CountedSource], config: StreamConfig, epoch: int
 
 
 def _remaining(sources: list[CountedSource], config: StreamConfig, epoch: int,
-               history: list[dict]) -> list[tuple[str, list[int]]]:
-    """(shard, indices of its samples not drawn yet) in epoch order, after the stretches of
-    ``history``: each reader's draws replayed on sample indices, from the shards' counts."""
+               history: list[dict]) -> list[tuple[str, np.ndarray]]:
+    """(shard, indices of its counted samples not drawn yet) in epoch order, after the stretches
+    of ``history``: each reader's draws replayed on sample indices, from the shards' counts."""
     counts = {p: n for source in sources for p, n in source.shards}
-    order = [p for p, _ in _epoch_order(sources, config, epoch)]
-    pool = [(p, list(range(counts[p]))) for p in order]
+    pool = [(p, np.arange(n)) for p, n in _epoch_order(sources, config, epoch)]
     for segment, stretch in enumerate(history):
         world, workers = stretch["world"], stretch["workers"]
         every = ([_epoch_plans(sources, config, epoch, r, world, workers)[0] for r in range(world)] if segment == 0
                  else _pool_plans(pool, config.batch_size, world, workers))
-        drawn = set()
+        drawn = {p: np.zeros(counts[p], dtype=bool) for p, _ in pool}
         for rank, plans in enumerate(every):
             for worker, plan in enumerate(plans):
                 indices = ((p, j) for p in plan.shards for j in (plan.keep[p] if plan.keep else range(counts[p])))
                 rng = random.Random(_seed(config, epoch, segment, rank, worker))
                 shuffled = _buffer_shuffle(itertools.chain(indices, [None]), config.shuffle_buffer, rng)
-                drawn.update(itertools.islice(shuffled, stretch["positions"][rank][worker]))
-        pool = [(p, [j for j in indices if (p, j) not in drawn]) for p, indices in pool]
-        pool = [(p, indices) for p, indices in pool if indices]
+                for p, j in itertools.islice(shuffled, stretch["positions"][rank][worker]):
+                    drawn[p][j] = True
+        pool = [(p, indices[~drawn[p][indices]]) for p, indices in pool]
+        pool = [(p, indices) for p, indices in pool if len(indices)]
     return pool
 
 
-def _pool_plans(pool: list[tuple[str, list[int]]], batch_size: int, world: int,
+def _pool_plans(pool: list[tuple[str, np.ndarray]], batch_size: int, world: int,
                 workers: int) -> list[list[_WorkerPlan]]:
     """Every rank's worker plans for a pool of samples: each shard whole to the reader
     (rank x worker) with the fewest samples so far, in pool order."""
     readers = [(0, reader) for reader in range(world * workers)]
-    dealt: list[list[tuple[str, list[int]]]] = [[] for _ in readers]
+    dealt: list[list[tuple[str, np.ndarray]]] = [[] for _ in readers]
     for shard, indices in pool:
         load, reader = heapq.heappop(readers)
         dealt[reader].append((shard, indices))
@@ -297,18 +304,30 @@ class _EpochDataset(IterableDataset):
         while True:
             read = 0
             for shard in shards:  # a resampled plan's shards never end
-                samples = iter_shard(shard, rejects)
-                if plan.keep is not None:  # the rest of an epoch after an elastic resume
-                    keep = set(plan.keep[shard])
-                    samples = (raw for j, raw in enumerate(samples) if j in keep)
-                for raw in samples:
-                    read += 1
-                    yield raw
+                keep = None if plan.keep is None else set(plan.keep[shard].tolist())  # the rest of an epoch, elastic
+                for j, raw in self._counted(shard, rejects):
+                    if keep is None or j in keep:
+                        read += 1
+                        yield raw
             if read == 0:
                 raise ValueError(f"no shard of rank {self.rank}'s data worker {logical} could be read "
                                  f"({dict(rejects.counts)}): check the shards")
             yield None
             shards = rng.sample(shards, len(shards))
+
+    def _counted(self, shard: str, rejects: RejectCounts):
+        """(index, sample) of the samples the shard's count includes; the others are rejected
+        here, before the shuffle buffer, so that indices and draws follow the counts alone (an
+        elastic resume replays them from the counts)."""
+        j = 0
+        for raw in iter_shard(shard, rejects):
+            try:
+                self.format.check_counted(raw)
+            except Rejected as rejected:
+                rejects.add(rejected.reason, raw.key, raw.shard)
+                continue
+            yield j, raw
+            j += 1
 
     def _shuffled(self, logical: int, rejects: RejectCounts):
         rng = random.Random(self._seed(logical))
@@ -382,6 +401,7 @@ class ShardStream:
             raise ValueError(f"{num_shards} shards cannot feed {world_size} ranks x {self.workers} workers = "
                              f"{feeders} readers; use fewer data workers, resampled mode, or more, smaller shards")
         self.state = StreamState.start(0, self.workers)
+        self._planned = (None, None)  # (epoch, stretches) and their plans
         self.rejects = RejectCounts()
         self.truncated_captions = 0
         if self.tokenizer_path:
@@ -392,27 +412,39 @@ class ShardStream:
 
     def _plans(self, epoch: int):
         history = self.state.history if epoch == self.state.epoch else []
-        return _layout_plans(self.sources, self.config, epoch, history, self.rank, self.world_size, self.workers)
+        key = (epoch, repr(history))
+        if self._planned[0] != key:  # after an elastic resume, planning replays the epoch so far: once
+            plans = _layout_plans(self.sources, self.config, epoch, history, self.rank, self.world_size, self.workers)
+            self._planned = (key, plans)
+        return self._planned[1]
 
     def identity(self) -> str:
         """What a saved position is a position in: the shards, their counts and every setting
         that orders or decodes them, and the layout of ranks x workers. Trainers compare it
         across ranks too."""
-        parts = [[(p, n, s.weight) for p, n in s.shards] for s in self.sources]
-        settings = dataclasses.asdict(self.config)
-        return _digest([parts, settings, self.world_size, self.text_seq_len, repr(self.format)])
+        return _digest(self._described(layout=True))
 
     def data_identity(self) -> str:
         """``identity`` without the layout: what an elastic resume must keep."""
+        return _digest(self._described(layout=False))
+
+    def _described(self, layout: bool) -> list:
         parts = [[(p, n, s.weight) for p, n in s.shards] for s in self.sources]
-        settings = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "num_workers"}
-        return _digest([parts, settings, self.text_seq_len, repr(self.format)])
+        settings = dataclasses.asdict(self.config)
+        if not layout:
+            del settings["num_workers"]
+        return [parts, settings, *([self.world_size] if layout else []), self.text_seq_len, repr(self.format)]
 
     def state_dict(self) -> dict:
         return {**dataclasses.asdict(self.state), "identity": self.identity(), "data_identity": self.data_identity()}
 
     def load_state_dict(self, state: dict) -> None:
-        """This rank's saved position, from a run with the same layout of ranks x workers."""
+        """This rank's saved position (``load_state_dicts`` takes every rank's: it can resume on
+        another layout)."""
+        if len(state["consumed"]) != self.workers and self.world_size > 1:
+            raise ValueError(f"the saved stream position has {len(state['consumed'])} data workers per rank, this "
+                             f"stream {self.workers}: give load_state_dicts every rank's position to resume on "
+                             f"another layout")
         self.load_state_dicts([state] * self.world_size)
 
     def load_state_dicts(self, states: list[dict]) -> None:
