@@ -3,8 +3,9 @@ image-text shards (img2dataset layout) for train-vae and train-clip.
 
 Stages, per epoch (open_clip's data.py order):
   shard list -> deterministic shuffle (seed, epoch), the same on every rank -> split by rank ->
-  split by worker -> never-throwing tar reading (raw bytes) -> shuffle buffer (seed, epoch,
-  rank, worker) -> decode (code grids, or pixels; never pickle; one of the sample's captions,
+  split by worker -> never-throwing tar reading (raw bytes; samples outside the shards' counts,
+  such as a raw sample without an image, rejected) -> shuffle buffer (seed, epoch, rank,
+  worker) -> decode (code grids, or pixels; never pickle; one of the sample's captions,
   drawn per epoch), rejects counted -> batch -> caption tokenization (truncation counted) -> tensors.
 Decoding after the shuffle buffer keeps the buffer to compact bytes, and lets a resumed run
 fast-forward over raw samples without decoding them.
@@ -24,6 +25,11 @@ reshuffled, to fill its share: workers never run dry.
 A sample with several captions (a txt of several lines, as in COCO) is trained on one of them
 per epoch, drawn from (seed, epoch, sample key) alone: a resumed run, a sample read twice and a
 token shard of the same image all draw the same one.
+
+Resumed on another layout of ranks x workers (elastic), the stream replays every old reader's
+draws on sample indices, from the shards' counts alone, and deals the samples no one drew to
+the new readers: the rest of the interrupted epoch, none twice while the shards hold what their
+counts say. The position then records the earlier stretches (``StreamState.history``).
 """
 
 from __future__ import annotations
