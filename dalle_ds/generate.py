@@ -100,8 +100,8 @@ def cast_for_inference(dalle: DALLE, dtype: str, device: torch.device) -> None:
     would read every fp32 weight and write a low-precision copy at each of the N steps (measured
     on CPU: a bf16 cast runs as fast as fp32, bf16 autocast slower), and it would not halve the
     weights. The dVAE stays fp32: it runs once per batch (encode an image prompt, decode the
-    samples) against the transformer's N steps, and fp32 keeps its codes and pixels those of
-    training and eval. CLIP is left as given (the CLI keeps it fp32): its scores are compared with eval's."""
+    samples) against the transformer's N steps, so lower precision would save little there and
+    could change its pixels. CLIP is left as given (the CLI keeps it fp32): its scores are compared with eval's."""
     if dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("this GPU has no bf16: use --dtype fp16 or fp32")
     if dtype == "fp16" and device.type == "cpu":

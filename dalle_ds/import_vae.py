@@ -34,7 +34,8 @@ def taming_config(config_path) -> dict:
     config = yaml.safe_load(Path(config_path).read_text()) or {}
     model = config.get("model") if isinstance(config, dict) else None
     target = str((model or {}).get("target", ""))
-    if target.rsplit(".", 1)[-1] not in TAMING_MODELS:
+    quantizer = TAMING_MODELS.get(target.rsplit(".", 1)[-1])
+    if quantizer is None:
         raise ValueError(f"{config_path}: model.target is {target or 'missing'!r}; import-vae --format taming "
                          f"converts taming.models.vqgan.VQModel or GumbelVQ")
     params = model.get("params") or {}
@@ -44,15 +45,16 @@ def taming_config(config_path) -> dict:
     if missing:
         raise ValueError(f"{config_path} lacks {', '.join(missing)}: give the YAML the checkpoint was trained with")
     unsupported = {"double_z": dd.get("double_z", False), "resamp_with_conv": not dd.get("resamp_with_conv", True),
-                   "remap": params.get("remap"), "in_channels != out_ch": dd["in_channels"] != dd["out_ch"]}
+                   "remap": params.get("remap"), "in_channels != out_ch": dd["in_channels"] != dd["out_ch"],
+                   "embed_dim != z_channels": quantizer == "gumbel" and params["embed_dim"] != dd["z_channels"]}
     if any(unsupported.values()):
         raise ValueError(f"{config_path}: {', '.join(k for k, v in unsupported.items() if v)} is not a VQGAN "
                          f"image tokenizer's config (VQModel and GumbelVQ use double_z: false, resamp_with_conv: "
-                         f"true, no remap, in_channels = out_ch)")
+                         f"true, no remap, in_channels = out_ch; GumbelVQ embed_dim = z_channels)")
     return dict(image_size=dd["resolution"], num_tokens=params["n_embed"], embed_dim=params["embed_dim"],
                 z_channels=dd["z_channels"], hidden_dim=dd["ch"], ch_mult=list(dd["ch_mult"]),
                 num_res_blocks=dd["num_res_blocks"], attn_resolutions=list(dd["attn_resolutions"]),
-                channels=dd["in_channels"], quantizer=TAMING_MODELS[target.rsplit(".", 1)[-1]])
+                channels=dd["in_channels"], quantizer=quantizer)
 
 
 class _StandInUnpickler(pickle.Unpickler):

@@ -132,6 +132,9 @@ def test_wrong_inputs_say_what_is_wrong(tmp_path, capsys):
     config.write_text(yaml.safe_dump(double_z))
     assert "double_z is not a VQGAN image tokenizer's config" in error(
         import_taming(tmp_path / "taming", tmp_path / "vae"))
+    config.write_text(yaml.safe_dump(taming_yaml("GumbelVQ", embed_dim=16)))  # a GumbelVQ taming cannot run
+    assert "embed_dim != z_channels is not a VQGAN image tokenizer's config" in error(
+        import_taming(tmp_path / "taming", tmp_path / "vae"))
     config.write_text("model:\n  target: taming.models.vqgan.VQModel\n  params: {embed_dim: 16}\n")
     assert "lacks model.params.n_embed, model.params.ddconfig.resolution" in error(
         import_taming(tmp_path / "taming", tmp_path / "vae"))

@@ -57,6 +57,9 @@ def test_weights_that_do_not_fit_are_listed(tmp_path, tokenizers):
         init_from(wider, folder, DALLE, first, DalleTrainer.text_weights)
     with pytest.raises(ValueError, match="holds a DALLE, not a CLIP"):
         check_init_from(folder, CLIP, first, resize_text=False)
+    (folder / "tokenizer.model").unlink()  # a model saved from Python: its vocabulary is unknown
+    with pytest.raises(ValueError, match="has no tokenizer.model, so its text vocabulary cannot be checked"):
+        check_init_from(folder, DALLE, first, resize_text=True)
 
 
 def test_dalle_keeps_the_dvae_it_was_trained_on(tmp_path, tokenizers):

@@ -321,7 +321,8 @@ def _saved_optimizer_state(run_dir, tag) -> dict:
 
 
 @pytest.mark.parametrize("ds_config, ranks, resumed_ranks", [("zero1.json", 2, 1), ("zero2.json", 2, 1),
-                                                              ("zero3.json", 2, 1), ("zero3.json", 1, 2)])
+                                                              ("zero3.json", 2, 1), ("zero2.json", 1, 2),
+                                                              ("zero3.json", 1, 2)])
 def test_a_run_resumes_on_another_number_of_ranks(inputs, tmp_path, ds_config, ranks, resumed_ranks):
     """Through DeepSpeed's universal checkpoint: the saved weights (the first resumed loss is
     what the checkpoint's model gives on that step's batches), the saved optimizer state, and

@@ -6,8 +6,18 @@ holds any subclass loads as ``ImageTokenizer.from_pretrained``."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from .pretrained import PretrainedMixin
+
+
+def fp32_code_logits(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` in fp32 outside any autocast, for logits whose argmax is a code: in bf16
+    (pretokenize's autocast on GPU) near ties among thousands of codes would flip."""
+    with torch.autocast(x.device.type, enabled=False):
+        bias = None if conv.bias is None else conv.bias.float()
+        return F.conv2d(x.float(), conv.weight.float(), bias, conv.stride, conv.padding)
 
 
 class ImageTokenizer(PretrainedMixin):

@@ -17,7 +17,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .image_tokenizer import ImageTokenizer
+from .image_tokenizer import ImageTokenizer, fp32_code_logits
 from .pretrained import records_config
 
 GROUPS = 4  # resolution levels of encoder and decoder (dall_e's group_count); the grid is image / 8
@@ -106,7 +106,8 @@ class OpenAIDiscreteVAE(ImageTokenizer, nn.Module):
         """(b, c, H, W) in [0, 1] -> (b, h * w) long codes, row-major."""
         self.check_images(images)
         squeezed = (1 - 2 * LOGIT_LAPLACE_EPS) * images + LOGIT_LAPLACE_EPS
-        return self.encoder(squeezed).argmax(1).flatten(1)
+        output = self.encoder.output
+        return fp32_code_logits(output.conv, output.relu(self.encoder[:-1](squeezed))).argmax(1).flatten(1)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """(b, h * w) codes -> (b, c, H, W) images in [0, 1]."""

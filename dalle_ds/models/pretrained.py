@@ -100,7 +100,8 @@ class PretrainedMixin:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        _REGISTRY[cls.__name__] = cls
+        if "__init__" in vars(cls):  # a model class; an interface such as ImageTokenizer builds nothing
+            _REGISTRY[cls.__name__] = cls
 
     def config_record(self) -> dict:
         return _to_json(self)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .image_tokenizer import ImageTokenizer
+from .image_tokenizer import ImageTokenizer, fp32_code_logits
 from .pretrained import records_config
 
 # taming-transformers' released configs; the constructor's defaults are the f16 ones
@@ -189,7 +189,7 @@ class GumbelQuantizer(nn.Module):
         self.embed = nn.Embedding(num_tokens, dim)
 
     def codes(self, z):  # (b, d, h, w) -> (b, h, w)
-        return self.proj(z).argmax(1)
+        return fp32_code_logits(self.proj, z).argmax(1)
 
     def lookup(self, codes):  # (b, h, w) -> (b, d, h, w)
         return rearrange(self.embed(codes), "b h w d -> b d h w")
@@ -223,7 +223,8 @@ class VQGAN(ImageTokenizer, nn.Module):
         attn_resolutions: feature-map sides at which a level's blocks are followed by attention.
         channels: image channels (``in_channels`` = ``out_ch``).
         quantizer: 'vq' (VQModel: the nearest codebook entry) or 'gumbel' (GumbelVQ: the most
-            likely entry of a learned projection; needs embed_dim == z_channels, as taming's).
+            likely entry of a learned projection of the embed_dim channels; taming's GumbelVQ
+            runs only with embed_dim == z_channels).
         Presets: ``VQGAN.preset(name)`` with a name of PRESETS.
         """
         super().__init__()

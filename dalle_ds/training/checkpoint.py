@@ -28,8 +28,6 @@ from ..files import atomic_write_bytes
 
 CHECKPOINTS = "checkpoints"
 UNIVERSAL = "universal"  # checkpoints/universal/<tag>: a checkpoint converted for another number of ranks
-# what ds_to_universal needs to find in a checkpoint's client state (DeepSpeed's checkpoint/constants.py)
-_UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
 
 
 def rng_state() -> dict:
@@ -58,7 +56,7 @@ def save(engine, run_dir: Path, step: int, client: dict, stream_state: dict, kee
     folder = Path(run_dir) / CHECKPOINTS
     per_rank = _gather({"stream": stream_state, "rng": rng_state()})
     tag = f"step{step:08d}"
-    client = {**client, "ranks": per_rank, **_UNIVERSAL_INFO}
+    client = {**client, "ranks": per_rank, **_universal_info()}
     engine.save_checkpoint(str(folder), tag=tag, client_state=client, save_latest=False)
     dist.barrier()  # every rank's files are on disk
     if dist.get_rank() == 0:
@@ -66,6 +64,14 @@ def save(engine, run_dir: Path, step: int, client: dict, stream_state: dict, kee
         _prune(folder, keep_last)
     dist.barrier()
     return folder / tag
+
+
+def _universal_info() -> dict:
+    """What ds_to_universal looks for in a checkpoint's client state."""
+    from deepspeed.checkpoint import constants
+
+    return {constants.UNIVERSAL_CHECKPOINT_INFO:
+            {constants.UNIVERSAL_CHECKPOINT_VERSION_KEY: constants.UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
 
 
 def _prune(folder: Path, keep_last: int) -> None:
@@ -92,14 +98,16 @@ class Source:
 def resume_source(run_dir: Path) -> Source | None:
     """Collective, before the engine exists (``universal`` changes how it is configured). The
     latest checkpoint, converted to the universal format first when its ZeRO partitions come
-    from another number of ranks; None when there is none."""
-    found = [latest_tag(run_dir)]
-    dist.broadcast_object_list(found, src=0)  # rank 0 decides: ranks must never disagree here
-    tag = found[0]
+    from another number of ranks; None when there is none. Rank 0 decides and converts (a
+    folder converted beforehand, offline, is used as it is)."""
+    folder = Path(run_dir) / CHECKPOINTS
+    tag = latest_tag(run_dir)
+    saved = len(list((folder / tag).glob("*zero_pp_rank_*_optim_states.pt"))) if tag else 0  # 0: no ZeRO partitions
+    found = [(tag, saved)]
+    dist.broadcast_object_list(found, src=0)  # ranks must never disagree here (a lagging shared file system)
+    tag, saved = found[0]
     if tag is None:
         return None
-    folder = Path(run_dir) / CHECKPOINTS
-    saved = len(list((folder / tag).glob("*zero_pp_rank_*_optim_states.pt")))  # 0: no ZeRO partitions
     if saved in (0, dist.get_world_size()):
         return Source(folder, tag, universal=False)
     if dist.get_rank() == 0 and not (folder / UNIVERSAL / tag).is_dir():
@@ -123,6 +131,7 @@ def _to_universal(checkpoint: Path, out: Path) -> None:
     with contextlib.redirect_stdout(io.StringIO()):  # its progress prints would mix into our commands' output
         ds_to_universal(args)
     partial.rename(out)
+    (out.parent / "latest_universal").unlink(missing_ok=True)  # its pointer names the partial folder; we pass tags
 
 
 def load(engine, source: Source) -> tuple[dict, list[dict]]:

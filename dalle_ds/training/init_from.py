@@ -19,14 +19,17 @@ from .export import TOKENIZER, load_trained, trained_record
 
 
 def check_init_from(path, kind: type, tokenizer: CaptionTokenizer | None, resize_text: bool) -> None:
-    """Before any heavy start-up: ``path`` holds a ``kind`` and, for a captioned model, its
-    tokenizer is the run's (or resize_text is set)."""
+    """Before any heavy start-up: ``path`` holds a ``kind`` and, for a captioned model, the
+    tokenizer it was trained with, which is the run's (or resize_text is set)."""
     trained_record(path, kind)
-    init_tokenizer = Path(path) / TOKENIZER
-    if tokenizer is None or resize_text or not init_tokenizer.is_file():
+    if tokenizer is None:
         return
+    init_tokenizer = Path(path) / TOKENIZER
+    if not init_tokenizer.is_file():
+        raise ValueError(f"--init-from {path} has no {TOKENIZER}, so its text vocabulary cannot be checked: copy "
+                         f"the sentencepiece model it was trained with there (dalle-ds export does)")
     init, run = CaptionTokenizer(init_tokenizer).pieces(), tokenizer.pieces()
-    if init != run:
+    if init != run and not resize_text:
         raise ValueError(f"--init-from {path} was trained with another text vocabulary ({len(init)} pieces) than "
                          f"--tokenizer ({len(run)} pieces): give --tokenizer its {TOKENIZER}, or set "
                          f"checkpoint.resize_text_vocab=true to keep the rows of the pieces both share and start "
@@ -35,14 +38,15 @@ def check_init_from(path, kind: type, tokenizer: CaptionTokenizer | None, resize
 
 def init_from(model: torch.nn.Module, path, kind: type, tokenizer: CaptionTokenizer | None = None,
               text_weights: tuple[str, ...] = ()) -> None:
-    """Loads the weights of the ``kind`` model in ``path`` into ``model``. ``text_weights``
-    name the weights with one row per text token (any rows after the vocabulary keep their
-    order); with ``tokenizer`` and the init model's own, they are mapped piece by piece."""
+    """Loads the weights of the ``kind`` model in ``path`` into ``model``, once
+    ``check_init_from`` passed. ``text_weights`` name the weights with one row per text token
+    (any rows after the vocabulary keep their order); with the run's ``tokenizer`` they are
+    mapped piece by piece from the init model's own."""
     init, init_tokenizer = load_trained(path, kind)
     state = init.state_dict()
     if hasattr(model, "vae"):
         _check_same_vae(init, model, path)  # then the init's vae.* weights are the run's own
-    if tokenizer is not None and init_tokenizer is not None:
+    if tokenizer is not None:
         state = _text_rows_by_piece(state, model.state_dict(), text_weights,
                                     CaptionTokenizer(init_tokenizer).pieces(), tokenizer.pieces())
     load_strict(model, state, f"--init-from {path}", into="the model this run's config builds")
@@ -60,6 +64,7 @@ def _text_rows_by_piece(state: dict, fresh: dict, names: tuple[str, ...], init_p
     if init_pieces == run_pieces:
         return state
     index = {piece: i for i, piece in enumerate(init_pieces)}
+    # never empty: train-tokenizer's models all hold the pad and unk pieces
     shared = [(new, index[piece]) for new, piece in enumerate(run_pieces) if piece in index]
     to_rows, from_rows = (list(rows) for rows in zip(*shared))
     state = dict(state)

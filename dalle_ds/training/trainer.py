@@ -187,7 +187,7 @@ class Trainer:
         # every check that reads only the config and files comes before the heavy start-up
         self.check_config()
         self.check_inputs()
-        if config.checkpoint.init_from:
+        if config.checkpoint.init_from and not self._will_resume():
             check_init_from(config.checkpoint.init_from, self.model_class, getattr(self, "tokenizer", None),
                             config.checkpoint.resize_text_vocab)
         init_distributed(self.env)
@@ -219,6 +219,10 @@ class Trainer:
             self._resume(source)
         self.metrics = MetricsWriter(self.run_dir, self.env.is_main)
         self.preemption = _Preemption()
+
+    def _will_resume(self) -> bool:
+        """--resume with a checkpoint to resume from (then --init-from is ignored)."""
+        return self.config.checkpoint.resume and checkpoint.latest_tag(Path(self.config.paths.out)) is not None
 
     def _build_engine(self, load_universal: bool) -> None:
         """The DeepSpeed engine and its schedule; ``precision``: the dtype the engine computes in.
