@@ -35,7 +35,9 @@ def index_of(image: torch.Tensor) -> int:
     return int(image[0, 8, 8])
 
 
-def write_raw(folder, bad_every: int = 0):
+def write_raw(folder, bad_every: int = 0, text_only_every: int = 0):
+    """Shards of SIZES good samples; every ``bad_every``-th followed by one with an undecodable
+    image, every ``text_only_every``-th by one without an image."""
     folder.mkdir()
     i = 0
     for s, size in enumerate(SIZES):
@@ -44,6 +46,8 @@ def write_raw(folder, bad_every: int = 0):
             samples.append(sample(i))
             if bad_every and i % bad_every == 0:
                 samples.append({"key": f"bad{i}", "png": b"not an image", "txt": b"broken"})
+            if text_only_every and i % text_only_every == 0:
+                samples.append({"key": f"textonly{i}", "txt": b"a caption without its image"})
             i += 1
         write_shard(folder / f"{s:05d}.tar", samples)
     return folder
@@ -185,17 +189,7 @@ def test_an_elastic_resume_over_raw_shards_with_rejects_reads_no_sample_twice(tm
     """Samples without an image amid good ones are not in the shards' counts: the rest of the
     epoch on another layout still follows the counts. (Undecodable images are counted; a worker
     short of good samples re-reads some to fill its batches, elastic or not.)"""
-    folder = tmp_path / "raw"
-    folder.mkdir()
-    i = 0
-    for s, size in enumerate(SIZES):
-        samples = []
-        for _ in range(size):
-            samples.append(sample(i))
-            if i % 3 == 0:
-                samples.append({"key": f"textonly{i}", "txt": b"a caption without its image"})
-            i += 1
-        write_shard(folder / f"{s:05d}.tar", samples)
+    folder = write_raw(tmp_path / "raw", text_only_every=3)
 
     def stream(world, rank, workers):
         config = StreamConfig(batch_size=2, shuffle_buffer=4, num_workers=workers, seed=3)
