@@ -233,7 +233,8 @@ def _remaining(sources: list[CountedSource], config: StreamConfig, epoch: int,
         drawn = {p: np.zeros(counts[p], dtype=bool) for p, _ in pool}
         for rank, plans in enumerate(every):
             for worker, plan in enumerate(plans):
-                indices = ((p, j) for p in plan.shards for j in (range(counts[p]) if plan.keep is None else plan.keep[p]))
+                indices = ((p, j) for p in plan.shards
+                           for j in (range(counts[p]) if plan.keep is None else plan.keep[p]))
                 rng = random.Random(_seed(config, epoch, segment, rank, worker))
                 shuffled = _buffer_shuffle(itertools.chain(indices, [None]), config.shuffle_buffer, rng)
                 for p, j in itertools.islice(shuffled, stretch["positions"][rank][worker]):
