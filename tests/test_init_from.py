@@ -53,7 +53,7 @@ def test_weights_that_do_not_fit_are_listed(tmp_path, tokenizers):
                                          r"transformer\.blocks\.2\.attn\.to_out\.bias"):
         init_from(deeper, folder, DALLE, first, DalleTrainer.text_weights)
     wider = tiny_dalle(vae, num_text_tokens=first.vocab_size, dim=48)
-    with pytest.raises(ValueError, match=r"of another shape: image_col_emb\.weight, image_emb\.weight, .* and \d+ more"):
+    with pytest.raises(ValueError, match=r"of another shape: image_col_emb\.weight, .* and \d+ more"):
         init_from(wider, folder, DALLE, first, DalleTrainer.text_weights)
     with pytest.raises(ValueError, match="holds a DALLE, not a CLIP"):
         check_init_from(folder, CLIP, first, resize_text=False)
