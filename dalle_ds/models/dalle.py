@@ -21,6 +21,7 @@ from torch import nn
 from ..attention.kernels import attend
 from ..attention.patterns import SequenceLayout, build_pattern, pattern_default
 from .kv_cache import KVCache
+from .linear_cross_entropy import LinearCrossEntropy
 from .pretrained import PretrainedMixin, records_config
 from .sampling import sample
 from .transformer import Transformer
@@ -110,7 +111,7 @@ class DALLE(PretrainedMixin, nn.Module):
                                        sandwich_norm, reversible, checkpoint_activations)
         self.norm = nn.LayerNorm(dim)
         self.to_text_logits = nn.Linear(dim, num_text_total)
-        self.to_image_logits = nn.Linear(dim, self.num_image_tokens)
+        self.to_image_logits = LinearCrossEntropy(dim, self.num_image_tokens)  # its loss never holds all logits
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -213,11 +214,11 @@ class DALLE(PretrainedMixin, nn.Module):
             x = torch.cat([x, self.embed_image(inputs)], dim=1)
         h = self.hidden(x)
         t = self.text_seq_len
-        text_logits, image_logits = self.to_text_logits(h[:, :t]), self.to_image_logits(h[:, t:])
+        text_logits = self.to_text_logits(h[:, :t])
         if not return_loss:
-            return self._joint_logits(text_logits, image_logits)
+            return self._joint_logits(text_logits, self.to_image_logits(h[:, t:]))
         text_loss = F.cross_entropy(text_logits.flatten(0, 1).float(), text_ids.flatten())
-        image_loss = F.cross_entropy(image_logits.flatten(0, 1).float(), codes.flatten())
+        image_loss = self.to_image_logits(h[:, t:], codes)
         loss = (text_loss + self.loss_img_weight * image_loss) / (self.loss_img_weight + 1)
         return (loss, text_loss, image_loss) if return_loss_breakdown else loss
 
