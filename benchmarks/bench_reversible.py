@@ -17,8 +17,6 @@ Reversible memory should stay about flat from depth 4 to depth 16.
 """
 
 import json
-import os
-import subprocess
 import sys
 
 import common
@@ -41,12 +39,7 @@ def measure(kind: str, depth: int, timed: bool) -> dict:
 
 
 def run_fresh(kind: str, depth: int, tensor_peak: bool) -> dict:
-    env = {**os.environ, **({"MALLOC_MMAP_THRESHOLD_": "65536"} if tensor_peak else {})}
-    cmd = [sys.executable, __file__, "--measure", kind, str(depth), "untimed" if tensor_peak else "timed"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        sys.exit(f"measurement {kind} depth {depth} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return common.measure_fresh(__file__, [kind, str(depth), "untimed" if tensor_peak else "timed"], tensor_peak)
 
 
 def main():

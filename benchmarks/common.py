@@ -97,6 +97,17 @@ def peak_rss_growth(fn) -> int:
     return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
 
 
+def measure_fresh(script: str, args: list[str], tensor_peak: bool) -> dict:
+    """``script --measure *args`` in a fresh process; its last stdout line is JSON. With
+    ``tensor_peak``, glibc malloc mmaps every buffer of 64 KiB or more (and unmaps it when
+    freed), so that the RSS peak is the peak of live tensor memory rather than of malloc's heap."""
+    env = {**os.environ, **({"MALLOC_MMAP_THRESHOLD_": "65536"} if tensor_peak else {})}
+    proc = subprocess.run([sys.executable, script, "--measure", *args], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.exit(f"measurement {args} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 # ---- the shared workload ------------------------------------------------------------------
 
 def grid(spec: dict) -> int:
