@@ -132,7 +132,7 @@ def test_bad_input_is_a_clear_value_error(make_input, message):
 def test_bad_construction_is_a_clear_value_error():
     with pytest.raises(ValueError, match="unknown attention type 'axial'"):
         tiny_dalle(attn_types=("full", "axial"))
-    with pytest.raises(ValueError, match="needs a trained DiscreteVAE"):
+    with pytest.raises(ValueError, match="needs a trained image tokenizer"):
         DALLE(dim=32, vae=torch.nn.Linear(2, 2), depth=1)
     with pytest.raises(ValueError, match="divisible by 2 \\*\\* num_layers"):
         DiscreteVAE(image_size=20, num_layers=3)

@@ -79,8 +79,8 @@ class DALLE(PretrainedMixin, nn.Module):
         super().__init__()
         missing = [name for name in _VAE_INTERFACE if not hasattr(vae, name)]
         if missing:
-            raise ValueError(f"DALLE needs a trained DiscreteVAE as `vae`; got {type(vae).__name__} "
-                             f"without {', '.join(missing)}")
+            raise ValueError(f"DALLE needs a trained image tokenizer (DiscreteVAE, VQGAN, OpenAIDiscreteVAE) as "
+                             f"`vae`; got {type(vae).__name__} without {', '.join(missing)}")
         if not 0.0 <= null_cond_prob < 1.0:
             raise ValueError(f"null_cond_prob must be in [0, 1), got {null_cond_prob}")
         self.vae = vae.eval().requires_grad_(False)  # frozen: encodes images, decodes samples
