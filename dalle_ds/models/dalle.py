@@ -58,7 +58,8 @@ class DALLE(PretrainedMixin, nn.Module):
     ):
         """
         dim, depth, heads, dim_head, ff_mult: transformer shape.
-        vae: a (trained) DiscreteVAE; it fixes the image grid and vocabulary, and is frozen.
+        vae: a trained image tokenizer (DiscreteVAE, VQGAN, OpenAIDiscreteVAE); it fixes the image grid
+            and vocabulary, and is frozen.
         num_text_tokens: text vocabulary size (id 0 is padding); text_seq_len: caption length.
         attn_types: attention per layer, cycled over depth: 'full', 'axial_row', 'axial_col',
             'conv_like', 'sparse' (a name or a sequence of names; default all 'full').
