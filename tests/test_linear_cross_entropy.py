@@ -1,6 +1,8 @@
 """The chunked linear + cross-entropy head: the same loss and gradients as nn.Linear followed by
 F.cross_entropy, in fp32, under bf16 autocast and with bf16 weights, without saving the logits."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -48,9 +50,24 @@ def test_bf16_autocast_and_bf16_weights_follow_the_plain_head(monkeypatch):
     for got, want in zip(grads, expected_grads):
         assert got.dtype == want.dtype
         torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-2)
-    head = head.to(torch.bfloat16)  # as a bf16 engine holds it
-    loss, grads = loss_and_grads(lambda h, x, t: h(x, t), head, x.bfloat16(), targets)
-    assert loss.dtype == torch.float32 and all(g.dtype == torch.bfloat16 for g in grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_weights_with_a_loss_scale_keep_their_gradients(monkeypatch, dtype):
+    """As a bf16 or fp16 DeepSpeed engine holds the head; fp16 engines scale the loss (here by
+    2**16) so that small gradients survive: the chunked head must not underflow before that."""
+    monkeypatch.setattr(linear_cross_entropy, "CHUNK_ELEMENTS", 4096 * 2048)
+    head = LinearCrossEntropy(16, 4096)
+    # softmax / rows ~ 1 / (4096 x 8192): below fp16's smallest subnormal unless scaled first
+    x, targets = torch.randn(8, 1024, 16), torch.randint(0, 4096, (8, 1024))
+    expected, expected_grads = loss_and_grads(reference, head, x, targets)
+    low = copy.deepcopy(head).to(dtype)
+    scale = 2.0**16
+    loss, grads = loss_and_grads(lambda h, x, t: h(x, t) * scale, low, x.to(dtype), targets)
+    assert (loss / scale).dtype == torch.float32 and float(loss / scale) == pytest.approx(float(expected), abs=2e-2)
+    for got, want in zip(grads, expected_grads):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float() / scale, want, atol=0.02 * float(want.abs().max()), rtol=0.05)
 
 
 def test_dalle_loss_saves_no_image_logits_for_backward():

@@ -33,7 +33,8 @@ class LinearCrossEntropy(nn.Linear):
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """What nn.Linear would compute in here: the autocast dtype if autocast is on, else the input's."""
+    """What nn.Linear would compute in here: the autocast dtype if autocast is on, else that of
+    its input and weight."""
     device = x.device.type
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
@@ -46,11 +47,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         dtype = _compute_dtype(x, weight)
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         want_grads = any(ctx.needs_input_grad[:3])
-        total = torch.zeros((), dtype=torch.float32, device=x.device)
-        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        # the gradients wait in fp32 for backward's scale (fp16 loss scaling: in fp16, a mean
+        # over thousands of rows would underflow before it is scaled up)
+        grad_x = x.new_empty(x.shape, dtype=torch.float32) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
-        n = x.shape[0]
+        total, n = x.new_zeros((), dtype=torch.float32), x.shape[0]
         with torch.autocast(x.device.type, enabled=False):
             for start in range(0, n, rows):
                 xc, tc = x[start:start + rows].to(dtype), targets[start:start + rows]
@@ -59,18 +61,20 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
                 if not want_grads:
                     continue
-                # d(mean loss)/d(logits) = (softmax - one_hot) / n, computed in place of the logits
+                # d(the chunk's summed loss)/d(logits) = softmax - one_hot, in place of the logits;
+                # in [-1, 1], so the compute dtype holds it (the mean's 1 / n comes at the end)
                 dlogits = logits.sub_(lse[:, None]).exp_()
                 dlogits[torch.arange(len(tc), device=tc.device), tc] -= 1
-                dlogits = dlogits.div_(n).to(dtype)
+                dlogits = dlogits.to(dtype)
                 if grad_x is not None:
-                    grad_x[start:start + rows] = (dlogits @ w).to(x.dtype)
+                    grad_x[start:start + rows] = dlogits @ w
                 if grad_w is not None:
-                    grad_w += (dlogits.t() @ xc).float()
+                    grad_w += dlogits.t() @ xc
                 if grad_b is not None:
-                    grad_b += dlogits.float().sum(0)
-        ctx.save_for_backward(*(g for g in (grad_x, grad_w, grad_b) if g is not None))
-        ctx.dtypes = [None if g is None else t.dtype for g, t in ((grad_x, x), (grad_w, weight), (grad_b, bias))]
+                    grad_b += dlogits.sum(0)
+        grads = [g.div_(n) if g is not None else None for g in (grad_x, grad_w, grad_b)]
+        ctx.save_for_backward(*(g for g in grads if g is not None))
+        ctx.dtypes = [None if g is None else t.dtype for g, t in zip(grads, (x, weight, bias))]
         return total / n
 
     @staticmethod
