@@ -101,6 +101,9 @@ def train_step(device, spec, timing, peer: bool) -> list[dict]:
     for label, attn_types in (("cycled", spec["attn_types"]), ("all full", ["full"])):
         run_spec = dict(spec, attn_types=attn_types)
         rows.append(_guarded(f"ours, {label}", lambda: _our_train_step(device, run_spec, timing, tokens)))
+        if label == "cycled":  # train.compile_blocks, to decide its default
+            rows.append(_guarded("ours, cycled, compiled blocks",
+                                 lambda: _our_train_step(device, run_spec, timing, tokens, compiled=True)))
         if peer:
             rows.append(_guarded(f"peer, {label}", lambda: _peer_train_step(device, run_spec, timing, tokens)))
     common.table(["run", "ms/step", "tokens/s", "MFU", "peak GiB"],
@@ -117,10 +120,13 @@ def train_step(device, spec, timing, peer: bool) -> list[dict]:
     return rows
 
 
-def _our_train_step(device, spec, timing, tokens) -> dict:
+def _our_train_step(device, spec, timing, tokens, compiled: bool = False) -> dict:
+    from dalle_ds.training.compile import compile_blocks
     from dalle_ds.training.optim import OptimConfig, build_optimizer
 
     model = common.build_ours(spec).to(device)
+    if compiled:
+        compile_blocks(model.transformer)
     opt = build_optimizer(model, OptimConfig(lr=1e-4))
     text, codes = common.make_batch(spec, device=device)
     _reset_memory(device)

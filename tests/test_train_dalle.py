@@ -368,3 +368,19 @@ def test_fine_tuning_from_an_export_continues_at_its_loss(inputs, tmp_path):
     assert losses(tuned)[1] < 0.8 * untrained
     rows = [json.loads(line) for line in (tuned / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["train/samples"] == 4 and rows[0]["train/lr"] < rows[1]["train/lr"]  # warm-up from step 0 again
+
+
+def test_compiled_blocks_train_as_eager_does(inputs, tmp_path, monkeypatch, capsys):
+    """train.compile_blocks under DeepSpeed (ZeRO-2): the same losses as eager; with ZeRO-3 a
+    one-line error before start-up."""
+    extra = ["train.steps=2", "model.attn_dropout=0"]
+    run(command(inputs, tmp_path / "eager", *extra))
+    run(command(inputs, tmp_path / "compiled", *extra, "train.compile_blocks=true"))
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-5)
+
+    def heavy_start_up(env):
+        raise AssertionError("the process group started before the config was checked")
+    monkeypatch.setattr(trainer_module, "init_distributed", heavy_start_up)
+    argv = command(inputs, tmp_path / "z3", *extra, "train.compile_blocks=true", ds_config="zero3.json")
+    assert main(["train-dalle", *argv[argv.index("--data"):]]) == 2
+    assert "train.compile_blocks does not go with ZeRO-3" in capsys.readouterr().err

@@ -190,7 +190,7 @@ def compiled_flex(q, k, v, block_mask, kernel_options):
     for x in (q, k, v):
         torch._dynamo.maybe_mark_dynamic(x, 0)
         torch._dynamo.mark_static(x, 2)  # a second length is another model: never a dynamic one
-    limit, fail, limit_hit = _limit_names()
+    limit, fail, limit_hit = recompile_limit_names()
     try:
         # Explicit for this call, whatever the process sets: the limit, failing at it (suppress_errors
         # may not be on with that), and no automatic dynamic shapes (a second layout would make the
@@ -205,7 +205,7 @@ def compiled_flex(q, k, v, block_mask, kernel_options):
             f"patterns than expected are in use: raise RECOMPILE_LIMIT if that is intended") from e
 
 
-def _limit_names():
+def recompile_limit_names():
     """Dynamo's recompile-limit setting, its fail switch and the exception it raises (torch < 2.6:
     the "cache" names)."""
     if hasattr(torch._dynamo.config, "recompile_limit"):

@@ -314,6 +314,10 @@ def decode_attention(pattern: AttentionPattern, q, k, v, start: int):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[start : start + nq, :nk])
 
 
+# Dynamo stays out of attention (0.5 us a call in eager): FlexAttention compiles itself (flex.py)
+# and the CPU kernels are C++ ops it cannot trace, so a compiled region around a block
+# (train.compile_blocks) ends its graph here and resumes after.
+@torch.compiler.disable
 def attend(pattern: AttentionPattern, q, k, v, *, start: int = 0, dropout_p: float = 0.0):
     """Pattern attention for queries at positions [start, start + nq); k, v cover [0, start + nq).
 

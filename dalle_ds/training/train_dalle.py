@@ -20,9 +20,12 @@ from ..data.tokenizer import CaptionTokenizer
 from ..models.dalle import DALLE
 from ..models.image_tokenizer import ImageTokenizer
 from ..models.pretrained import model_fingerprint
+from .compile import compile_blocks
+from .engine import load_ds_config
 from .export import load_trained, trained_record
 from .metrics import dalle_flops_per_token
-from .trainer import LoggingConfig, PathsConfig, RunConfig, Trainer, add_common_arguments, stream_config
+from .trainer import (LoggingConfig, PathsConfig, RunConfig, Trainer, TrainConfig, add_common_arguments,
+                      stream_config)
 
 
 _DALLE = constructor_defaults(DALLE)
@@ -69,7 +72,15 @@ class DallePathsConfig(PathsConfig):
 
 
 @dataclass
+class DalleTrainConfig(TrainConfig):
+    # regional torch.compile of each transformer block (attention stays outside the graphs; plain
+    # layers, ZeRO 0-2); off until measured on a GPU
+    compile_blocks: bool = False
+
+
+@dataclass
 class DalleRunConfig(RunConfig):
+    train: DalleTrainConfig = field(default_factory=DalleTrainConfig)
     paths: DallePathsConfig = field(default_factory=DallePathsConfig)
     model: DalleModelConfig = field(default_factory=DalleModelConfig)
     logging: DalleLoggingConfig = field(default_factory=DalleLoggingConfig)
@@ -91,11 +102,19 @@ class DalleTrainer(Trainer):
         super().check_inputs()
         self.tokenizer = CaptionTokenizer(self.config.paths.tokenizer)  # checked here, used by build_model
         trained_record(self.config.paths.vae, ImageTokenizer)
+        train = self.config.train
+        stage = load_ds_config(train.deepspeed_config).get("zero_optimization", {}).get("stage", 0)
+        if train.compile_blocks and stage == 3:
+            raise ValueError("train.compile_blocks does not go with ZeRO-3, which gathers each layer's weights in "
+                             "hooks around its forward: use a ZeRO 0-2 ds_config or train.compile_blocks=false")
 
     def build_model(self) -> DALLE:
         vae = load_trained(self.config.paths.vae, ImageTokenizer)[0]
         self.vae_fingerprint = model_fingerprint(vae)
-        return DALLE(vae=vae, num_text_tokens=self.tokenizer.vocab_size, **to_dict(self.config.model))
+        model = DALLE(vae=vae, num_text_tokens=self.tokenizer.vocab_size, **to_dict(self.config.model))
+        if self.config.train.compile_blocks:
+            compile_blocks(model.transformer)
+        return model
 
     def measure_flops_per_token(self) -> float:
         return dalle_flops_per_token(self.model)
