@@ -170,6 +170,13 @@ def _epoch_plans(sources: list[CountedSource], config: StreamConfig, epoch: int,
         length = total // (world * config.batch_size)
         seeds = [_seed(config, epoch, segment, rank, w, "shards") for w in range(workers)]
         return [_WorkerPlan(_ShardSampler(sources, seed), length) for seed in seeds], length
+    every = _every_ranks_plans(sources, config, epoch, world, workers)
+    return every[rank], min(sum(p.batches for p in plans) for plans in every)
+
+
+def _every_ranks_plans(sources: list[CountedSource], config: StreamConfig, epoch: int, world: int,
+                       workers: int) -> list[list[_WorkerPlan]]:
+    """Finite mode: each rank's logical workers' plans, the epoch's shards split by rank, then by worker."""
     order = _epoch_order(sources, config, epoch)
 
     def plans_of(r):
@@ -177,8 +184,7 @@ def _epoch_plans(sources: list[CountedSource], config: StreamConfig, epoch: int,
         return [_WorkerPlan([p for p, _ in mine[w::workers]], sum(n for _, n in mine[w::workers]) // config.batch_size)
                 for w in range(workers)]
 
-    length = min(sum(p.batches for p in plans_of(r)) for r in range(world))
-    return plans_of(rank), length
+    return [plans_of(r) for r in range(world)]
 
 
 def _buffer_shuffle(items, size: int, rng: random.Random):
@@ -228,7 +234,7 @@ def _remaining(sources: list[CountedSource], config: StreamConfig, epoch: int,
     pool = [(p, np.arange(n)) for p, n in _epoch_order(sources, config, epoch)]
     for segment, stretch in enumerate(history):
         world, workers = stretch["world"], stretch["workers"]
-        every = ([_epoch_plans(sources, config, epoch, r, world, workers)[0] for r in range(world)] if segment == 0
+        every = (_every_ranks_plans(sources, config, epoch, world, workers) if segment == 0
                  else _pool_plans(pool, config.batch_size, world, workers))
         drawn = {p: np.zeros(counts[p], dtype=bool) for p, _ in pool}
         for rank, plans in enumerate(every):
