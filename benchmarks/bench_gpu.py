@@ -7,7 +7,9 @@
 - the train step (fwd + bwd + fused AdamW, bf16 autocast) at the 441M spec: tokens/s, MFU against
   ``PEAK_FLOPS``, peak memory; the same with every layer full; the peer on both;
 - cached generation of 8 images at the 441M spec: image tokens/s, per-token latency, the peer;
-- ``train-dalle`` itself (DeepSpeed ZeRO-2 bf16, synthetic token shards): its ``metrics.jsonl``.
+- ``train-dalle`` itself (DeepSpeed ZeRO-2 bf16, synthetic token shards): its ``metrics.jsonl``;
+- a profile of the cycled train step: its kernels' time by kind (matmul, attention, the rest) and
+  the 25 costliest, to say where the step's time goes.
 
 Run: python benchmarks/bench_gpu.py [--out FILE.json] [--sections attention,train_step,generation,train_dalle]
 (on a machine without internet: ``benchmarks/bench_gpu.sh``, which installs the carried wheels).
@@ -46,7 +48,7 @@ SMOKE_SPEC = dict(SPEC, dim=64, depth=4, heads=2, dim_head=16, num_text_tokens=1
                   num_image_tokens=64, batch=2)
 SMOKE_ATTENTION = [dict(batch=2, heads=2, text=8, grid=8, dim_head=16)]
 SMOKE_TIMING = dict(warmup=1, repeats=2)
-SECTIONS = ("attention", "train_step", "generation", "train_dalle")
+SECTIONS = ("attention", "train_step", "generation", "train_dalle", "profile")
 
 
 def attention(device, shapes, timing) -> list[dict]:
@@ -161,13 +163,13 @@ def generation(device, spec, timing, peer: bool) -> list[dict]:
     def generate():
         with torch.autocast(device, dtype=torch.bfloat16):
             model.generate_codes(text, filter_thres=0.9, use_cache=True, seed=0)
-    sec = common.timeit(generate, **dict(timing, warmup=1, repeats=3))["median"]
+    sec = common.timeit(generate, **dict(timing, warmup=1, repeats=2))["median"]
     rows = [dict(run="ours generate_codes", s=sec, tokens_per_s=tokens / sec, ms_per_token=sec / steps * 1e3)]
     del model
     _reset_memory(device)
     if peer:
         result = common.run_peer("generate", spec, device=device, autocast="bfloat16", filter_thres=0.9,
-                                 engage_cache=True, **dict(timing, warmup=1, repeats=2))
+                                 engage_cache=True, **dict(timing, warmup=1, repeats=1))
         rows.append(dict(run="peer, KV cache engaged", s=result["median"], tokens_per_s=tokens / result["median"],
                          ms_per_token=result["median"] / steps * 1e3))
     common.table(["run", "s/call", "image tokens/s", "ms/token step"],
@@ -209,6 +211,39 @@ def train_dalle(device, spec, smoke: bool) -> dict:
     return last
 
 
+def profile(device, spec, timing) -> dict:
+    """Kernel time of two cycled train steps, by kind and for the costliest kernels."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from dalle_ds.training.optim import OptimConfig, build_optimizer
+
+    model = common.build_ours(spec).to(device)
+    opt = build_optimizer(model, OptimConfig(lr=1e-4))
+    text, codes = common.make_batch(spec, device=device)
+    step = common.train_step_fn(model, text, codes, opt, torch.bfloat16)
+    common.timeit(step, warmup=timing["warmup"], repeats=1)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize() if device == "cuda" else None
+    events = prof.key_averages()
+    attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    kinds = {"matmul": ("gemm", "sm90", "cutlass", "nvjet", "mm"), "attention": ("flex", "flash", "attention", "fmha", "triton_tem")}
+    # (FlexAttention's compiled kernels are inductor templates, "triton_tem_*": the eager model has no others)
+    by_kind = dict.fromkeys((*kinds, "other"), 0.0)
+    for e in events:
+        if device == "cuda" and e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        kind = next((k for k, words in kinds.items() if any(w in e.key.lower() for w in words)), "other")
+        by_kind[kind] += getattr(e, attr) / 1e3 / 2  # ms per step
+    total = sum(by_kind.values()) or 1.0
+    print("kernel ms per step by kind: " + ", ".join(f"{k} {v:.1f} ({100 * v / total:.0f}%)" for k, v in by_kind.items()))
+    print(events.table(sort_by=attr, row_limit=25, max_name_column_width=70))
+    return dict(ms_per_step_by_kind=by_kind)
+
+
 def _reset_memory(device) -> None:
     gc.collect()
     if device == "cuda":
@@ -242,7 +277,8 @@ def main():
     runs = {"attention": lambda: attention(device, shapes, timing),
             "train_step": lambda: train_step(device, spec, timing, peer),
             "generation": lambda: generation(device, spec, timing, peer),
-            "train_dalle": lambda: train_dalle(device, spec, args.smoke)}
+            "train_dalle": lambda: train_dalle(device, spec, args.smoke),
+            "profile": lambda: profile(device, spec, timing)}
     for section in args.sections.split(","):
         print(f"\n-- {section}")
         began = time.perf_counter()

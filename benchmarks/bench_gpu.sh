@@ -27,10 +27,10 @@ if [[ "${1:-}" == --fetch ]]; then
 fi
 out="${OUT:-$(mktemp -d)}"
 site="$(mktemp -d)"
-python -m pip install --quiet --no-index --no-deps --target "$site/ours" --python-version 3.12 \
+python3 -m pip install --quiet --no-index --no-deps --target "$site/ours" --python-version 3.12 \
     --only-binary=:all: --platform manylinux2014_x86_64 "$wheels"/ours/*.whl
-python -m pip install --quiet --no-index --no-deps --target "$site/peer" --python-version 3.12 \
+python3 -m pip install --quiet --no-index --no-deps --target "$site/peer" --python-version 3.12 \
     --only-binary=:all: --platform manylinux2014_x86_64 "$wheels"/peer/*.whl
 export PYTHONPATH="$PWD:$site/ours" DALLE_DS_PEER_PATH="$site/peer"
 cd benchmarks
-python bench_gpu.py --out "$out/bench_gpu.json" "$@" 2>&1 | tee "$out/bench_gpu.log"
+python3 bench_gpu.py --out "$out/bench_gpu.json" "$@" 2>&1 | tee "$out/bench_gpu.log"
