@@ -3,22 +3,26 @@
 - attention alone, fwd+bwd, bf16, q/k/v (2, 16, 4352, 64) [256 text + 64x64 image] and
   (8, 16, 1280, 64) [256 text + 32x32]: each type's time against full attention's, its largest
   error against the dense reference, and the FlexAttention layout and tile fraction of each
-  sparse type (the first call compiles: FlexAttention is autotuned on CUDA);
+  sparse type (the first call compiles);
 - the train step (fwd + bwd + fused AdamW, bf16 autocast) at the 441M spec: tokens/s, MFU against
   ``PEAK_FLOPS``, peak memory; the same with every layer full; the peer on both;
 - cached generation of 8 images at the 441M spec: image tokens/s, per-token latency, the peer;
 - ``train-dalle`` itself (DeepSpeed ZeRO-2 bf16, synthetic token shards): its ``metrics.jsonl``;
 - a profile of the cycled train step: its kernels' time by kind (matmul, attention, the rest) and
-  the 25 costliest, to say where the step's time goes.
+  the 25 costliest, to say where the step's time goes;
+- only when named, ``layouts``: every FlexAttention layout of each sparse type timed, and the
+  gather cost they imply (to check ``flex.GATHER_COST``).
 
-Run: python benchmarks/bench_gpu.py [--out FILE.json] [--sections attention,train_step,generation,train_dalle]
+Run: python benchmarks/bench_gpu.py [--out FILE.json] [--sections attention,train_step,...]
 (on a machine without internet: ``benchmarks/bench_gpu.sh``, which installs the carried wheels).
 The peer runs where ``DALLE_DS_PEER_PATH`` (a folder it was installed into) or
 ``benchmarks/.peer-venv`` has it; without either its rows are skipped.
 On a machine without CUDA it says so and exits 0; ``--smoke`` runs every section there at toy
 sizes instead (a check of this script, not a measurement). A failing row or section is printed
-and recorded, and the others still run. The whole run may exceed 5 minutes where nothing is
-cached yet: ``--sections`` splits it.
+and recorded, and the others still run; rows are printed as they are measured. On an H200
+(2026-11-30) the sections took: train_step 144 s, profile 8 s, train_dalle 38 s, attention 138 s
+(then with autotuned compiles), generation over 225 s (with the peer): ``--sections`` splits the
+run to fit a device's time limit.
 """
 
 from __future__ import annotations
@@ -49,22 +53,19 @@ SMOKE_SPEC = dict(SPEC, dim=64, depth=4, heads=2, dim_head=16, num_text_tokens=1
 SMOKE_ATTENTION = [dict(batch=2, heads=2, text=8, grid=8, dim_head=16)]
 SMOKE_TIMING = dict(warmup=1, repeats=2)
 SECTIONS = ("attention", "train_step", "generation", "train_dalle", "profile")
+EXTRA_SECTIONS = ("layouts",)  # run only when named: minutes of compiles
 
 
 def attention(device, shapes, timing) -> list[dict]:
     """Each type's fwd+bwd time, and its largest error against the dense reference (bf16 against fp32)."""
     from dalle_ds.attention import flex
     from dalle_ds.attention.kernels import attend, dense_reference_attention
-    from dalle_ds.attention.patterns import ATTN_TYPES, SequenceLayout, build_pattern
+    from dalle_ds.attention.patterns import ATTN_TYPES, build_pattern
 
     rows = []
     for shape in shapes:
-        layout = SequenceLayout(shape["text"] + 1, shape["grid"], shape["grid"])
+        layout, (q, k, v, grad) = _layout(shape), _inputs(shape, device)
         n = layout.total_len - 1
-        g = torch.Generator(device=device).manual_seed(0)
-        q, k, v = (torch.randn(shape["batch"], shape["heads"], n, shape["dim_head"], device=device, generator=g,
-                               dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        grad = torch.randn_like(q)
         full = None
         for name in ATTN_TYPES:
             row = dict(shape=f"({shape['batch']}, {shape['heads']}, {n}, {shape['dim_head']})", type=name)
@@ -81,8 +82,9 @@ def attention(device, shapes, timing) -> list[dict]:
                 full = row["ms"] if name == "full" else full
                 row["vs_full"] = row["ms"] / full if full else None
                 if pattern.sparse:  # the plan attend used on CUDA (built here on CPU, for --smoke)
-                    plan = pattern.derived(("flex_plan", n, q.device), lambda: flex.build_plan(pattern, n, q.device))
+                    plan = flex.plan_for(pattern, n, shape["dim_head"], q.device)
                     row.update(tile_fraction=plan.tile_fraction, layout=str(plan))
+                print(f"  {row}")  # as it comes: a run cut short keeps what it measured
             except Exception:  # the other types' rows still count
                 row["error"] = traceback.format_exc(limit=2)
                 print(row["error"])
@@ -91,6 +93,53 @@ def attention(device, shapes, timing) -> list[dict]:
                    r.get("tile_fraction", ""), r.get("layout", "")] for r in rows])
     print(f"FlexAttention: {dict(flex.COUNTS)}; targets: sparse <= 0.45x of full at n = 4352, <= 1.0x at 1280")
     return rows
+
+
+def layouts(device, shapes, timing) -> list[dict]:
+    """Every FlexAttention layout ``flex`` considers for each sparse type, timed fwd+bwd: the
+    figures behind ``flex.GATHER_COST``. Per shape, a least-squares fit of ms = a * tile fraction
+    + b * gathered gives the cost of a gather in the estimate's unit, to compare with GATHER_COST."""
+    from dalle_ds.attention import flex
+    from dalle_ds.attention.patterns import ATTN_TYPES, build_pattern
+
+    torch._dynamo.reset()  # a compile per candidate: counted against flex.RECOMPILE_LIMIT from zero
+    rows = []
+    for shape in shapes:
+        layout, (q, k, v, grad) = _layout(shape), _inputs(shape, device)
+        n, d = layout.total_len - 1, shape["dim_head"]
+        fit = []
+        for name in ATTN_TYPES[1:]:
+            pattern = build_pattern(name, layout)
+            for plan in flex.candidate_plans(pattern, n, d, device):
+                def step():
+                    if device == "cpu":  # --smoke: FlexAttention has no CPU backward
+                        return plan.attend(q.detach(), k.detach(), v.detach())
+                    plan.attend(q, k, v).backward(grad)
+                    q.grad = k.grad = v.grad = None
+                row = dict(shape=str(tuple(q.shape)), type=name, layout=str(plan), tile_fraction=plan.tile_fraction,
+                           estimated_cost=plan.estimated_cost, ms=common.timeit(step, **timing)["median"] * 1e3)
+                rows.append(row)
+                fit.append((plan.tile_fraction, float(plan.slots is not None), row["ms"]))
+                print(f"  {row}")
+        a, b = torch.linalg.lstsq(torch.tensor([f[:2] for f in fit]), torch.tensor([[f[2]] for f in fit])).solution.flatten()
+        print(f"fit at {tuple(q.shape)}: {a:.3f} ms per unit of tile fraction, gathers {b:.3f} ms: GATHER_COST "
+              f"{b / a * flex.causal_area(n, device) / (n * d):.2f} (now {flex.GATHER_COST})")
+    return rows
+
+
+def _layout(shape: dict):
+    from dalle_ds.attention.patterns import SequenceLayout
+
+    return SequenceLayout(shape["text"] + 1, shape["grid"], shape["grid"])
+
+
+def _inputs(shape: dict, device):
+    """q, k, v (bf16, requiring grad) and an output gradient for an attention shape."""
+    g = torch.Generator(device=device).manual_seed(0)
+    size = (shape["batch"], shape["heads"], _layout(shape).total_len - 1, shape["dim_head"])
+    q, k, v = (torch.randn(size, device=device, generator=g, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    return q, k, v, torch.randn_like(q)
 
 
 def _max_error(out, reference) -> float:
@@ -146,7 +195,9 @@ def _peer_train_step(device, spec, timing, tokens) -> dict:
 def _guarded(run: str, measure) -> dict:
     """One row: ``measure()``'s figures, or the error (the peer's failures exit: caught too)."""
     try:
-        return dict(run=run, **measure())
+        row = dict(run=run, **measure())
+        print(f"  {row}")  # as it comes: a run cut short keeps what it measured
+        return row
     except (Exception, SystemExit):
         print(traceback.format_exc(limit=3))
         return dict(run=run, error=traceback.format_exc(limit=3))
@@ -165,6 +216,7 @@ def generation(device, spec, timing, peer: bool) -> list[dict]:
             model.generate_codes(text, filter_thres=0.9, use_cache=True, seed=0)
     sec = common.timeit(generate, **dict(timing, warmup=1, repeats=2))["median"]
     rows = [dict(run="ours generate_codes", s=sec, tokens_per_s=tokens / sec, ms_per_token=sec / steps * 1e3)]
+    print(f"  {rows[0]}")
     del model
     _reset_memory(device)
     if peer:
@@ -262,7 +314,7 @@ def _peer_available() -> bool:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", help="write every figure to this JSON file")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS + EXTRA_SECTIONS)}")
     parser.add_argument("--smoke", action="store_true", help="toy sizes, on CPU where there is no CUDA")
     args = parser.parse_args()
     if not torch.cuda.is_available() and not args.smoke:
@@ -278,7 +330,8 @@ def main():
             "train_step": lambda: train_step(device, spec, timing, peer),
             "generation": lambda: generation(device, spec, timing, peer),
             "train_dalle": lambda: train_dalle(device, spec, args.smoke),
-            "profile": lambda: profile(device, spec, timing)}
+            "profile": lambda: profile(device, spec, timing),
+            "layouts": lambda: layouts(device, shapes, timing)}
     for section in args.sections.split(","):
         print(f"\n-- {section}")
         began = time.perf_counter()

@@ -1,15 +1,18 @@
-"""FlexAttention's work per sparse pattern, on any machine: the area of the (query block, key
-block) tiles each pattern's block mask visits, as a fraction of full causal attention's (128 x
-128 blocks), for every layout ``dalle_ds.attention.flex`` considers and the one it chooses.
+"""FlexAttention's work per sparse pattern, on any machine: for every layout
+``dalle_ds.attention.flex`` considers, the area of the (query block, key block) tiles its block
+mask visits as a fraction of full causal attention's, and its estimated cost (the tiles plus the
+gathers into slot order, at head dim 64, in the same unit); the layout of least cost is chosen.
 
-Run: .venv/bin/python benchmarks/bench_tiles.py   (CPU, about 30 s)
-Targets (issue 11): each sparse type <= 0.35 at 256 text + 64x64 image, <= 0.5 at 64 text + 32x32.
+Run: .venv/bin/python benchmarks/bench_tiles.py   (CPU, about 10 s)
+Targets (issue 11), on the chosen layout's tiles: each sparse type <= 0.35 at 256 text + 64x64
+image, <= 0.5 at 64 text + 32x32.
 """
 
 import common
 from dalle_ds.attention import flex
 from dalle_ds.attention.patterns import ATTN_TYPES, SequenceLayout, build_pattern
 
+HEAD_DIM = 64
 SIZES = [(SequenceLayout(257, 64, 64), 0.35), (SequenceLayout(65, 32, 32), 0.5), (SequenceLayout(257, 32, 32), None)]
 
 
@@ -21,12 +24,13 @@ def main():
         rows, verdicts = [], []
         for name in ATTN_TYPES[1:]:
             pattern = build_pattern(name, layout)
-            plans = flex.candidate_plans(pattern, n, "cpu")
-            chosen = min(plans, key=lambda plan: plan.tile_fraction)
-            rows += [[name, str(plan), plan.tile_fraction, "<- chosen" if plan is chosen else ""] for plan in plans]
+            plans = flex.candidate_plans(pattern, n, HEAD_DIM, "cpu")
+            chosen = flex.build_plan(pattern, n, HEAD_DIM, "cpu")
+            rows += [[name, str(plan), plan.tile_fraction, plan.estimated_cost,
+                      "<- chosen" if str(plan) == str(chosen) else ""] for plan in plans]
             if target:
                 verdicts.append(common.verdict(f"{name} tiles / full causal's", chosen.tile_fraction, target, False))
-        common.table(["type", "layout", "tile fraction", ""], rows)
+        common.table(["type", "layout", "tile fraction", "estimated cost", ""], rows)
         print("\n".join(verdicts))
     common.footer(start)
 

@@ -3,14 +3,15 @@
 einops legend: b batch, h heads, n sequence, m slots (positions in FlexAttention's order, padding
 included), d head dim.
 
-**Tiles.** FlexAttention's cost is the number of (query block, key block) tiles its block mask
+**Layout.** FlexAttention's cost is the number of (query block, key block) tiles its block mask
 visits. In raster order a column pattern touches every earlier row's blocks, and the block-sparse
 pattern's summary blocks sit in every tile, so each pattern may lay its image out in another
 order (``AttentionPattern.flex_order``); the text may be padded to a whole number of blocks, so
-that no tile holds both text and image keys. q, k and v are gathered into that order and the
-output is gathered back. ``FlexPlan`` takes, of raster or the pattern's order, padded or not, in
-blocks of 128 or 64, the layout whose tiles cover the least area (``benchmarks/bench_tiles.py``
-prints each pattern's choice against full causal attention's tiles).
+that no tile holds both text and image keys. q, k and v are then gathered into that order and the
+output back, which costs memory traffic that raster order does not pay. ``FlexPlan`` takes, of
+raster or the pattern's order, padded or not, the layout of least estimated time: the area of its
+tiles plus its gathers, priced by ``GATHER_COST`` (``benchmarks/bench_tiles.py`` prints each
+pattern's choice; ``benchmarks/bench_gpu.py --sections layouts`` times every candidate on a GPU).
 
 **Compilation.** One compiled ``flex_attention`` serves every layer and pattern:
 - batch and heads are dynamic: flex_attention marks the head count static, so heads are folded
@@ -21,11 +22,7 @@ prints each pattern's choice against full causal attention's tiles).
   compiles once per grad mode, however many layers or models use it;
 - the recompile limit is ``RECOMPILE_LIMIT`` for this function alone, and hitting it is an error
   (dynamo would otherwise run flex_attention unfused, materialising every score, with only a
-  warning);
-- on CUDA it compiles with inductor's ``max_autotune``: the backward's default Triton tiles (64 x
-  128 on sm90 at head dim 64) do not divide 64-blocks, and inductor drops every config that does
-  not before it applies ``kernel_options``; autotuning offers smaller tiles and times them (tens
-  of seconds more per compile, cached on disk by inductor).
+  warning).
 ``COUNTS`` holds the compiles and the calls that could not use this path (the trainer logs them).
 """
 
@@ -36,12 +33,22 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.nn.attention import flex_attention as _flex
 
 from .patterns import AttentionPattern
 
 MIN_HEAD_DIM = 16  # FlexAttention's CUDA kernel rejects smaller heads
-BLOCK_SIZES = (128, 64)  # the candidates; 128 is FlexAttention's default
+# FlexAttention's default block. 64-blocks visit up to a third fewer tiles here, but on an H200
+# (torch 2.11, 2026-11-30) each visited score cost 3.5-4x as much, fwd+bwd: they always lost.
+BLOCK_SIZE = 128
+# The estimated cost of one (position x head-dim) element gathered into slot order and back (q, k,
+# v in, the output out, forward and backward), in visited scores (fwd+bwd) of a 128-block tile.
+# H200, torch 2.11, bf16 (bench_gpu.py, 2026-11-30): a visited score 6.1 ps (axial_col in raster
+# order at 1280 positions); the four gathers 32 ps per element, forward and backward alike
+# (index_select, 42 us per (8, 16, 1280, 64) tensor). So gathering 1280 positions of head dim 64
+# costs as much as 0.48 of full causal attention's tiles: a reordering pays only on long images.
+GATHER_COST = 5.3
 # Compiled variants allowed: 4 sparse pattern classes x 2 grad modes x 2 dtypes leaves room for a
 # second layout (a fine-tuning run at another resolution). Past it: an error, never a slow fallback.
 RECOMPILE_LIMIT = 32
@@ -57,69 +64,82 @@ class FlexPlan:
     gathers into and out of slot order (None: raster order, no padding, nothing to gather)."""
 
     block_mask: _flex.BlockMask
-    block_size: int
     slots: torch.Tensor | None  # (m,) position held by each slot; -1 = padding
     gather: torch.Tensor | None  # (m,) the row each slot reads: padding reads position 0, masked out
     inverse: torch.Tensor | None  # (n,) slot of each position
-    tile_fraction: float  # area of the visited tiles / that of full causal attention's (128 x 128)
+    tile_fraction: float  # area of the visited tiles / that of full causal attention's
+    estimated_cost: float  # tile_fraction plus the gathers' cost in the same unit (GATHER_COST)
     reordered: bool  # the image in the pattern's flex_order (else raster order)
     text_padding: int  # padding slots after the text
 
     def __str__(self) -> str:
-        order = "pattern order" if self.reordered else "raster order"
-        return f"{order}, text padding {self.text_padding}, {self.block_size} blocks"
-
-    @property
-    def kernel_options(self) -> dict:
-        """Triton tiles that divide the block size (forward; the backward's come from autotuning)."""
-        if self.block_size >= 128:
-            return {}
-        names = ("fwd_BLOCK_M", "fwd_BLOCK_N", "bwd_BLOCK_M1", "bwd_BLOCK_N1", "bwd_BLOCK_M2", "bwd_BLOCK_N2")
-        return dict.fromkeys(names, self.block_size)
+        return f"{'pattern' if self.reordered else 'raster'} order, text padding {self.text_padding}"
 
     def attend(self, q, k, v, kernel=None):
-        """q, k, v: (b, h, n, d) -> (b, h, n, d). ``kernel(q, k, v, block_mask, kernel_options)``
-        attends in slot order, (b*h, 1, m, d); by default the compiled flex_attention."""
+        """q, k, v: (b, h, n, d) -> (b, h, n, d). ``kernel(q, k, v, block_mask)`` attends in slot
+        order, (b*h, 1, m, d); by default the compiled flex_attention."""
         b, h = q.shape[:2]
         if self.gather is not None:
-            q, k, v = (x.index_select(2, self.gather) for x in (q, k, v))
+            q, k, v = (_SlotGather.apply(x, self.gather, self.inverse) for x in (q, k, v))
         # Heads into the batch (see above), contiguous: dynamo guards on strides, and q, k, v are
         # strided views of one projection (gathered ones are contiguous already).
         q, k, v = (x.flatten(0, 1).contiguous().unsqueeze(1) for x in (q, k, v))
-        out = (kernel or compiled_flex)(q, k, v, self.block_mask, self.kernel_options)
+        out = (kernel or compiled_flex)(q, k, v, self.block_mask)
         if self.inverse is not None:
-            out = out.index_select(2, self.inverse)
+            out = _SlotGather.apply(out, self.inverse, self.gather)
         return out.view(b, h, *out.shape[2:])
 
 
+class _SlotGather(torch.autograd.Function):
+    """``x.index_select(2, index)`` whose backward is ``grad.index_select(2, back)``, not the
+    scatter-add index_select's own backward does (atomics: 2.4x the gather's time on an H200).
+    Exact for a plan's gathers: each position sits in one slot, and what reaches a padding slot
+    (position 0's gradient, on the way back out) stays there, as a padding query sees only
+    itself, and is dropped on the way back in."""
+
+    @staticmethod
+    def forward(ctx, x, index, back):
+        ctx.save_for_backward(back)
+        return x.index_select(2, index)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (back,) = ctx.saved_tensors
+        return grad.index_select(2, back), None, None
+
+
 def pattern_attention(pattern: AttentionPattern, q, k, v, kernel=None):
-    """FlexAttention of q, k, v (b, h, n, d) under ``pattern``, its plan built once per length and
-    device; ``kernel`` as in ``FlexPlan.attend``."""
-    n = q.shape[2]
-    plan = pattern.derived(("flex_plan", n, q.device), lambda: build_plan(pattern, n, q.device))
-    return plan.attend(q, k, v, kernel)
+    """FlexAttention of q, k, v (b, h, n, d) under ``pattern``; ``kernel`` as in ``FlexPlan.attend``."""
+    return plan_for(pattern, q.shape[2], q.shape[3], q.device).attend(q, k, v, kernel)
 
 
-def build_plan(pattern: AttentionPattern, n: int, device) -> FlexPlan:
-    """The layout of least visited area; ties go to fewer gathers, then to bigger blocks."""
-    return min(candidate_plans(pattern, n, device), key=lambda plan: plan.tile_fraction)
+def plan_for(pattern: AttentionPattern, n: int, head_dim: int, device) -> FlexPlan:
+    """``build_plan``'s layout, built once per length, head dim and device."""
+    return pattern.derived(("flex_plan", n, head_dim, device), lambda: build_plan(pattern, n, head_dim, device))
 
 
-def candidate_plans(pattern: AttentionPattern, n: int, device) -> list[FlexPlan]:
-    """Raster or the pattern's order, text padded or not, each block size: simplest first."""
-    causal = _area(_flex.create_block_mask(_causal, None, None, n, n, device=device))
+def build_plan(pattern: AttentionPattern, n: int, head_dim: int, device) -> FlexPlan:
+    """The layout of least estimated cost; ties go to the simpler (fewer gathers)."""
+    return min(candidate_plans(pattern, n, head_dim, device), key=lambda plan: plan.estimated_cost)
+
+
+def candidate_plans(pattern: AttentionPattern, n: int, head_dim: int, device) -> list[FlexPlan]:
+    """Raster or the pattern's order, text padded or not: simplest first."""
+    causal = causal_area(n, device)
     order = pattern.flex_order()
     plans = []
     for image_order in (None, order) if order is not None else (None,):
         for pad_text in (False, True):
-            for block in BLOCK_SIZES:
-                if pad_text and pattern.layout.text_len % block == 0:
-                    continue  # the text fills whole blocks: the same as unpadded
-                padding = (-pattern.layout.text_len) % block if pad_text else 0
-                slots = _slots(pattern, n, image_order, padding)
-                gathers = _gathers(slots, n, device)
-                mask = _block_mask(pattern, gathers[0], n, block, device)
-                plans.append(FlexPlan(mask, block, *gathers, _area(mask) / causal, image_order is not None, padding))
+            if pad_text and pattern.layout.text_len % BLOCK_SIZE == 0:
+                continue  # the text fills whole blocks: the same as unpadded
+            padding = (-pattern.layout.text_len) % BLOCK_SIZE if pad_text else 0
+            slots = _slots(pattern, n, image_order, padding)
+            gathers = _gathers(slots, n, device)
+            mask = _block_mask(pattern, gathers[0], n, device)
+            tiles = _area(mask) / causal
+            cost = tiles + (0.0 if slots is None else GATHER_COST * n * head_dim / causal)
+            plans.append(FlexPlan(mask, *gathers, tiles, cost, image_order is not None, padding))
     return plans
 
 
@@ -143,7 +163,7 @@ def _slots(pattern: AttentionPattern, n: int, image_order, padding: int):
     return torch.cat([torch.arange(t), torch.full((padding,), -1), image])
 
 
-def _block_mask(pattern: AttentionPattern, slots, n: int, block: int, device) -> _flex.BlockMask:
+def _block_mask(pattern: AttentionPattern, slots, n: int, device) -> _flex.BlockMask:
     if slots is None:
         def mask_mod(b, h, q, k):
             return pattern.allowed(q, k)
@@ -155,7 +175,12 @@ def _block_mask(pattern: AttentionPattern, slots, n: int, block: int, device) ->
             # a padding query sees only itself, so that no row is empty; its output is dropped
             return (real & pattern.allowed(q_pos.clamp(min=0), k_pos.clamp(min=0))) | ((q_pos < 0) & (q == k))
         m = len(slots)
-    return _flex.create_block_mask(mask_mod, None, None, m, m, device=device, BLOCK_SIZE=block)
+    return _flex.create_block_mask(mask_mod, None, None, m, m, device=device, BLOCK_SIZE=BLOCK_SIZE)
+
+
+def causal_area(n: int, device) -> int:
+    """Query-key pairs in the tiles full causal attention visits."""
+    return _area(_flex.create_block_mask(_causal, None, None, n, n, device=device, BLOCK_SIZE=BLOCK_SIZE))
 
 
 def _causal(b, h, q, k):
@@ -172,21 +197,20 @@ def _area(block_mask: _flex.BlockMask) -> int:
 
 
 def _counting_inductor(graph, example_inputs):
-    """Inductor, counting its compiles; autotuned on CUDA (see the module's docstring)."""
+    """Inductor, counting its compiles."""
     COUNTS["compiles"] += 1
     from torch._inductor.compile_fx import compile_fx
 
-    on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
-    return compile_fx(graph, example_inputs, config_patches={"max_autotune": True} if on_cuda else None)
+    return compile_fx(graph, example_inputs)
 
 
 _compiled = torch.compile(_flex.flex_attention, backend=_counting_inductor, dynamic=None, fullgraph=True)
 
 
-def compiled_flex(q, k, v, block_mask, kernel_options):
+def compiled_flex(q, k, v, block_mask):
     """flex_attention, compiled once (see the module's docstring); q, k, v: (b*h, 1, m, d)."""
     if torch.compiler.is_compiling():  # traced into a caller's compiled region: fused there
-        return _flex.flex_attention(q, k, v, block_mask=block_mask, kernel_options=kernel_options)
+        return _flex.flex_attention(q, k, v, block_mask=block_mask)
     for x in (q, k, v):
         torch._dynamo.maybe_mark_dynamic(x, 0)
         torch._dynamo.mark_static(x, 2)  # a second length is another model: never a dynamic one
@@ -197,7 +221,7 @@ def compiled_flex(q, k, v, block_mask, kernel_options):
         # block mask's sizes dynamic, as maybe_mark_dynamic does the batch on purpose).
         patch = {limit: RECOMPILE_LIMIT, fail: True, "suppress_errors": False, "automatic_dynamic_shapes": False}
         with torch._dynamo.config.patch(patch):
-            return _compiled(q, k, v, block_mask=block_mask, kernel_options=kernel_options)
+            return _compiled(q, k, v, block_mask=block_mask)
     except limit_hit as e:
         raise RuntimeError(
             f"FlexAttention was compiled {RECOMPILE_LIMIT} times in this process (dalle_ds.attention.flex."
@@ -213,7 +237,7 @@ def recompile_limit_names():
     return "cache_size_limit", "fail_on_cache_limit_hit", torch._dynamo.exc.FailOnCacheLimitHit
 
 
-def eager_flex(q, k, v, block_mask, kernel_options):
+def eager_flex(q, k, v, block_mask):
     """flex_attention uncompiled: it materialises the scores, for tests of the mask only."""
     return _flex.flex_attention(q, k, v, block_mask=block_mask)
 
