@@ -8,8 +8,8 @@
   ``PEAK_FLOPS``, peak memory; the same with every layer full; the peer on both;
 - cached generation of 8 images at the 441M spec: image tokens/s, per-token latency, the peer;
 - ``train-dalle`` itself (DeepSpeed ZeRO-2 bf16, synthetic token shards): its ``metrics.jsonl``;
-- a profile of the cycled train step: its kernels' time by kind (matmul, attention, the rest) and
-  the 25 costliest, to say where the step's time goes;
+- a profile of the cycled train step, and of train-dalle's (``logging.profile_at_step``): kernel
+  time by kind and the costliest kernels, to say where a step's time goes;
 - only when named, ``layouts``: every FlexAttention layout of each sparse type timed, and the
   gather cost they imply (to check ``flex.GATHER_COST``).
 
@@ -235,7 +235,8 @@ def train_dalle(device, spec, smoke: bool) -> dict:
     """A real train-dalle run (one process, DeepSpeed ZeRO-2 bf16) on synthetic token shards."""
     from bench_train_dalle import prepare
 
-    steps, every = (4, 2) if smoke else (30, 10)
+    # the profiled window lies in an interval before the last, whose throughput is reported
+    steps, every, (first, window) = (4, 2, (1, 1)) if smoke else (30, 10, (12, 3))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         prepare(root, image_size=spec["image_size"], num_layers=spec["vae_layers"], num_tokens=spec["num_image_tokens"])
@@ -245,7 +246,8 @@ def train_dalle(device, spec, smoke: bool) -> dict:
                 f"model.dim_head={spec['dim_head']}", f"model.text_seq_len={spec['text_seq_len']}",
                 f"model.attn_types={json.dumps(spec['attn_types'])}", f"train.micro_batch={spec['batch']}",
                 f"train.steps={steps}", f"logging.every_steps={every}", f"logging.peak_flops={PEAK_FLOPS}",
-                f"checkpoint.every_steps={10 * steps}", "logging.sample_every_steps=0", "data.num_workers=2"]
+                f"checkpoint.every_steps={10 * steps}", "logging.sample_every_steps=0", "data.num_workers=2",
+                f"logging.profile_at_step={first}", f"logging.profile_steps={window}"]
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
         if device == "cpu":
             env["DS_ACCELERATOR"] = "cpu"
@@ -255,11 +257,12 @@ def train_dalle(device, spec, smoke: bool) -> dict:
         if proc.returncode:
             raise RuntimeError(f"train-dalle failed:\n{proc.stderr[-4000:]}")
         last = json.loads((root / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+        summary = next((root / "run" / "profile").glob("*.txt")).read_text()
     last["wall_s"] = time.perf_counter() - start
     print(f"train-dalle, {steps} steps, last interval: {last['perf/tokens_per_s']:,.0f} tokens/s, MFU "
           f"{100 * last['perf/mfu']:.1f}% (of {PEAK_FLOPS / 1e12:.0f} TFLOP/s; target >= 45%), "
           f"FlexAttention compiles {last.get('attention/flex_compiles')}, unfused calls "
-          f"{last.get('attention/unfused_calls')}; whole run {last['wall_s']:.0f} s")
+          f"{last.get('attention/unfused_calls')}; whole run {last['wall_s']:.0f} s\nits profile: {summary}")
     return last
 
 
@@ -269,30 +272,23 @@ def profile(device, spec, timing) -> dict:
     from torch.profiler import profile as torch_profile
 
     from dalle_ds.training.optim import OptimConfig, build_optimizer
+    from dalle_ds.training.profiling import TOP_OPERATIONS, describe, time_by_kind
 
     model = common.build_ours(spec).to(device)
     opt = build_optimizer(model, OptimConfig(lr=1e-4))
     text, codes = common.make_batch(spec, device=device)
     step = common.train_step_fn(model, text, codes, opt, torch.bfloat16)
     common.timeit(step, warmup=timing["warmup"], repeats=1)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with torch_profile(activities=activities) as prof:
+    on_cuda = device == "cuda"
+    with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])) as prof:
         for _ in range(2):
             step()
-        torch.cuda.synchronize() if device == "cuda" else None
+        torch.cuda.synchronize() if on_cuda else None
     events = prof.key_averages()
-    attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-    kinds = {"matmul": ("gemm", "sm90", "cutlass", "nvjet", "mm"), "attention": ("flex", "flash", "attention", "fmha", "triton_tem")}
-    # (FlexAttention's compiled kernels are inductor templates, "triton_tem_*": the eager model has no others)
-    by_kind = dict.fromkeys((*kinds, "other"), 0.0)
-    for e in events:
-        if device == "cuda" and e.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        kind = next((k for k, words in kinds.items() if any(w in e.key.lower() for w in words)), "other")
-        by_kind[kind] += getattr(e, attr) / 1e3 / 2  # ms per step
-    total = sum(by_kind.values()) or 1.0
-    print("kernel ms per step by kind: " + ", ".join(f"{k} {v:.1f} ({100 * v / total:.0f}%)" for k, v in by_kind.items()))
-    print(events.table(sort_by=attr, row_limit=25, max_name_column_width=70))
+    by_kind = time_by_kind(events, 2, on_cuda)
+    print(f"{'kernel' if on_cuda else 'CPU'} ms per step by kind: {describe(by_kind)}")
+    sort = "self_device_time_total" if on_cuda else "self_cpu_time_total"
+    print(events.table(sort_by=sort, row_limit=TOP_OPERATIONS, max_name_column_width=70))
     return dict(ms_per_step_by_kind=by_kind)
 
 

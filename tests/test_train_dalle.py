@@ -66,7 +66,8 @@ def losses(run_dir) -> dict[int, float]:
 
 def test_single_process_trains_resumes_exactly_and_logs(inputs, tmp_path):
     schedule = ["optim.total_steps=8", "checkpoint.every_steps=4"]  # the same lr schedule for a stop at 4
-    out = run(command(inputs, tmp_path / "a", "train.steps=8", *schedule, "logging.sample_every_steps=8"))
+    profile = ["logging.profile_at_step=6", "logging.profile_steps=2"]  # and the losses stay those of run b
+    out = run(command(inputs, tmp_path / "a", "train.steps=8", *schedule, "logging.sample_every_steps=8", *profile))
     assert "train-dalle: 8 steps, 32 samples" in out
     # no terminal here: a plain progress line per logging interval, as a SLURM log shows it
     progress = [line for line in out.splitlines() if line.startswith("train-dalle step ")]
@@ -92,6 +93,17 @@ def test_single_process_trains_resumes_exactly_and_logs(inputs, tmp_path):
     assert events.Scalars("loss/total")[-1].value == pytest.approx(straight[8], rel=1e-6)
     config = (tmp_path / "a" / "config.yaml").read_text()
     assert "micro_batch: 4" in config and "axial_row" in config
+
+    # the profiled window: a trace of steps 6-7 whose matmuls and attention are named, and a summary
+    assert re.search(r"train-dalle: steps 6-7 profiled: wall [\d.]+ ms per step .*; CPU ms per step: "
+                     r"matmul [\d.]+ \(\d+%\), attention", out)
+    trace = json.loads((tmp_path / "a" / "profile" / "rank0-steps6-7.json").read_text())
+    names = {event.get("name") for event in trace["traceEvents"]}
+    assert {"aten::mm", "Optimizer.step#AdamW.step"} <= names, sorted(n for n in names if n)[:50]
+    assert any(name and "GroupedAttention" in name for name in names)  # the sparse layer on CPU
+    summary = (tmp_path / "a" / "profile" / "rank0-steps6-7.txt").read_text()
+    assert summary.startswith("steps 6-7 profiled: wall") and "aten::mm" in summary
+    assert not (tmp_path / "b" / "profile").exists()
 
     # a run folder serves generate as an export does: its latest checkpoint, with its tokenizer
     out = run([sys.executable, "-m", "dalle_ds.cli", "generate", "--dalle", str(tmp_path / "a"), "--out",
@@ -384,3 +396,17 @@ def test_compiled_blocks_train_as_eager_does(inputs, tmp_path, monkeypatch, caps
     argv = command(inputs, tmp_path / "z3", *extra, "train.compile_blocks=true", ds_config="zero3.json")
     assert main(["train-dalle", *argv[argv.index("--data"):]]) == 2
     assert "train.compile_blocks does not go with ZeRO-3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("logging.profile_at_step=9", r"logging.profile_at_step must be a step of the run, 1 to train.steps \(2\)"),
+    ("logging.profile_steps=0", r"logging.profile_steps must be >= 1"),
+])
+def test_a_profile_window_outside_the_run_is_an_error_before_start_up(inputs, tmp_path, monkeypatch, capsys,
+                                                                      setting, message):
+    def heavy_start_up(env):
+        raise AssertionError("the process group started before the config was checked")
+    monkeypatch.setattr(trainer_module, "init_distributed", heavy_start_up)
+    argv = command(inputs, tmp_path / "run", "train.steps=2", "logging.profile_at_step=1", setting)
+    assert main(["train-dalle", *argv[argv.index("--data"):]]) == 2
+    assert re.search(message, capsys.readouterr().err)

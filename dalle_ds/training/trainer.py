@@ -33,6 +33,7 @@ from .export import write_model_config
 from .init_from import check_init_from, init_from
 from .metrics import MetricsWriter, Throughput, measure_peak_flops
 from .optim import OptimConfig
+from .profiling import StepProfiler
 
 
 @dataclass
@@ -72,6 +73,10 @@ class CheckpointConfig:
 class LoggingConfig:
     every_steps: int = 10  # TensorBoard and metrics.jsonl
     peak_flops: float | None = None  # per device, for MFU; None: measured at start (a matmul benchmark)
+    # torch.profiler over optimizer steps [profile_at_step, + profile_steps): a trace and a summary
+    # per rank in the run folder's profile/ (training/profiling.py); 0: off
+    profile_at_step: int = 0
+    profile_steps: int = 3
 
 
 @dataclass
@@ -256,8 +261,14 @@ class Trainer:
         batches = iter(self.stream)
         throughput, bad = Throughput(), _BadSteps()
         console = _Console(self.command, self.progress.step, self.config.train.steps, self.env.is_main)
+        profiler = StepProfiler(self.config.logging.profile_at_step, self.config.logging.profile_steps,
+                                self.run_dir / "profile", self.env.rank, self.engine.device)
         while self.progress.step < self.config.train.steps:
+            profiler.starting(self.progress.step + 1)
             logs = self._optimizer_step(batches, throughput, bad)
+            profiled = profiler.finished(self.progress.step)
+            if profiled and self.env.is_main:
+                print(f"{self.command}: {profiled}", flush=True)
             console.step()
             if self.progress.step % self.config.logging.every_steps == 0:
                 self._log(logs, throughput)
@@ -373,11 +384,14 @@ class Trainer:
         if unset:
             raise ValueError(f"{', '.join(unset)} not set: give them on the command line or in the config")
         counts = {"train.steps": c.train.steps, "train.max_bad_steps": c.train.max_bad_steps,
-                  "logging.every_steps": c.logging.every_steps, "checkpoint.every_steps": c.checkpoint.every_steps,
-                  "checkpoint.keep_last": c.checkpoint.keep_last}
+                  "logging.every_steps": c.logging.every_steps, "logging.profile_steps": c.logging.profile_steps,
+                  "checkpoint.every_steps": c.checkpoint.every_steps, "checkpoint.keep_last": c.checkpoint.keep_last}
         bad = [key for key, value in counts.items() if value < 1]
         if bad:
             raise ValueError(f"config {', '.join(bad)} must be >= 1")
+        if not 0 <= c.logging.profile_at_step <= c.train.steps:
+            raise ValueError(f"config logging.profile_at_step must be a step of the run, 1 to train.steps "
+                             f"({c.train.steps}), or 0 for no profile; got {c.logging.profile_at_step}")
 
     def check_inputs(self) -> None:
         """ValueError for an input path that cannot be used (each trainer checks its own), before
