@@ -121,7 +121,8 @@ def layouts(device, shapes, timing) -> list[dict]:
                 rows.append(row)
                 fit.append((plan.tile_fraction, float(plan.slots is not None), row["ms"]))
                 print(f"  {row}")
-        a, b = torch.linalg.lstsq(torch.tensor([f[:2] for f in fit]), torch.tensor([[f[2]] for f in fit])).solution.flatten()
+        features, ms = torch.tensor([f[:2] for f in fit]), torch.tensor([[f[2]] for f in fit])
+        a, b = torch.linalg.lstsq(features, ms).solution.flatten()
         print(f"fit at {tuple(q.shape)}: {a:.3f} ms per unit of tile fraction, gathers {b:.3f} ms: GATHER_COST "
               f"{b / a * flex.causal_area(n, device) / (n * d):.2f} (now {flex.GATHER_COST})")
     return rows
@@ -310,7 +311,8 @@ def _peer_available() -> bool:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", help="write every figure to this JSON file")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS + EXTRA_SECTIONS)}")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated, of {', '.join(SECTIONS + EXTRA_SECTIONS)}")
     parser.add_argument("--smoke", action="store_true", help="toy sizes, on CPU where there is no CUDA")
     args = parser.parse_args()
     if not torch.cuda.is_available() and not args.smoke:

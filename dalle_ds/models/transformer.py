@@ -48,7 +48,11 @@ class FeedForward(nn.Module):
         self.proj_out = nn.Linear(dim * mult, dim)
 
     def forward(self, x):
-        return self.proj_out(self.dropout(_GEGLU.apply(self.proj_in(x))))
+        h = self.proj_in(x)
+        if torch.compiler.is_compiling():  # plain ops, which inductor fuses; _GEGLU's out= writes would break the graph
+            x, gate = h.chunk(2, dim=-1)
+            return self.proj_out(self.dropout(x * F.gelu(gate)))
+        return self.proj_out(self.dropout(_GEGLU.apply(h)))
 
 
 class _GEGLU(torch.autograd.Function):

@@ -21,7 +21,8 @@ from ..files import atomic_write, atomic_write_bytes
 # cutlass) and ATen's mm ops on CPU. Attention: SDPA's flash and memory-efficient kernels,
 # FlexAttention (compiled to inductor templates, "triton_tem_*": the eager model has no others)
 # and our CPU kernel's ops.
-KINDS = {"matmul": ("gemm", "nvjet", "cutlass", "mm"), "attention": ("flash", "fmha", "attention", "flex", "triton_tem")}
+KINDS = {"matmul": ("gemm", "nvjet", "cutlass", "mm"),
+         "attention": ("flash", "fmha", "attention", "flex", "triton_tem")}
 TOP_OPERATIONS = 30  # rows of the summary's table
 
 
