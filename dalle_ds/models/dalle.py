@@ -234,7 +234,6 @@ class DALLE(PretrainedMixin, nn.Module):
     # ---- generation -------------------------------------------------------------------------
 
     @torch.inference_mode()
-    @torch.inference_mode()
     def generate_codes(self, text, *, mask=None, filter_thres=0.5, temperature=1.0, top_p=None, cond_scale=1.0,
                        img=None, num_init_img_tokens=None, use_cache=True, seed=None) -> torch.Tensor:
         """Samples image codes (b, N) for each caption in ``text`` (see ``generate_images``)."""
