@@ -6,7 +6,8 @@
   sparse type (the first call compiles);
 - the train step (fwd + bwd + fused AdamW, bf16 autocast) at the 441M spec: tokens/s, MFU against
   ``PEAK_FLOPS``, peak memory; the same with every layer full; the peer on both;
-- cached generation of 8 images at the 441M spec: image tokens/s, per-token latency, the peer;
+- cached generation of 8 images at the 441M spec, eagerly and replaying a CUDA graph per token:
+  image tokens/s, per-token latency, the peer;
 - ``train-dalle`` itself (DeepSpeed ZeRO-2 bf16, synthetic token shards): its ``metrics.jsonl``;
 - a profile of the cycled train step, and of train-dalle's (``logging.profile_at_step``): kernel
   time by kind and the costliest kernels, to say where a step's time goes;
@@ -207,28 +208,38 @@ def _guarded(run: str, measure) -> dict:
 
 
 def generation(device, spec, timing, peer: bool) -> list[dict]:
+    """Cached generation of ``batch`` images: ours eagerly and (CUDA) replaying a CUDA graph per
+    token, then the peer, each row printed as it comes (the peer's calls take minutes at 441M)."""
     steps = common.grid(spec) ** 2
     tokens = spec["batch"] * steps
     model = common.build_ours(spec).to(device).eval()
     text, _ = common.make_batch(spec, device=device)
+    rows = []
 
-    def generate():
-        with torch.autocast(device, dtype=torch.bfloat16):
-            model.generate_codes(text, filter_thres=0.9, use_cache=True, seed=0)
-    sec = common.timeit(generate, **dict(timing, warmup=1, repeats=2))["median"]
-    rows = [dict(run="ours generate_codes", s=sec, tokens_per_s=tokens / sec, ms_per_token=sec / steps * 1e3)]
-    print(f"  {rows[0]}")
+    def row(run: str, sec: float) -> None:
+        rows.append(dict(run=run, s=sec, tokens_per_s=tokens / sec, ms_per_token=sec / steps * 1e3))
+        print(f"  {rows[-1]}")
+
+    for run, graphed in (("ours", False), ("ours, CUDA graph", True)):
+        if graphed and device != "cuda":
+            continue
+
+        def generate():
+            with torch.autocast(device, dtype=torch.bfloat16):
+                model.generate_codes(text, filter_thres=0.9, use_cache=True, seed=0, cuda_graph=graphed)
+        row(run, common.timeit(generate, **dict(timing, warmup=1, repeats=2))["median"])
     del model
     _reset_memory(device)
     if peer:
         result = common.run_peer("generate", spec, device=device, autocast="bfloat16", filter_thres=0.9,
-                                 engage_cache=True, **dict(timing, warmup=1, repeats=1))
-        rows.append(dict(run="peer, KV cache engaged", s=result["median"], tokens_per_s=tokens / result["median"],
-                         ms_per_token=result["median"] / steps * 1e3))
+                                 engage_cache=True, **dict(timing, warmup=0, repeats=1))
+        row("peer, KV cache engaged", result["median"])
     common.table(["run", "s/call", "image tokens/s", "ms/token step"],
                  [[r["run"], r["s"], r["tokens_per_s"], r["ms_per_token"]] for r in rows])
     if peer:
-        print(common.verdict("generation: ours vs peer", rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"], 5.0))
+        for ours in rows[:-1]:
+            ratio = ours["tokens_per_s"] / rows[-1]["tokens_per_s"]
+            print(common.verdict(f"generation: {ours['run']} vs peer", ratio, 5.0))
     return rows
 
 

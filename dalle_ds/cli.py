@@ -228,6 +228,8 @@ def _add_generate(sub):
                         f"the dVAE and CLIP stay fp32)")
     p.add_argument("--init-image", default=None, help="an image prompt: every sample keeps the top rows of its codes")
     p.add_argument("--init-rows", type=int, default=None, help="with --init-image: how many code rows to keep")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="CUDA: replay each token's decoding step as one recorded CUDA graph (less host overhead)")
     p.set_defaults(run=_run_generate)
 
 
@@ -248,7 +250,8 @@ def _run_generate(args):
     clip = load_with_tokenizer(args.clip, CLIP, "--clip") if args.clip else None
     filter_thres = args.filter_thres if args.top_k is None else 1 - (args.top_k + 0.5) / dalle.num_image_tokens
     settings = GenerateSettings(args.num_images, args.batch_size, args.seed, args.temperature, filter_thres,
-                                args.top_p, args.cond_scale, args.keep, args.dtype, args.init_image, args.init_rows)
+                                args.top_p, args.cond_scale, args.keep, args.dtype, args.init_image, args.init_rows,
+                                args.cuda_graph)
     settings, memory = plan(dalle, settings)
     print(f"generate: {memory.line()}", file=sys.stderr)
     with tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not sys.stderr.isatty()) as bar:

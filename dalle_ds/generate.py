@@ -49,6 +49,7 @@ class GenerateSettings:
     dtype: str = "fp32"  # DALL-E's transformer, weights and KV cache: bf16, fp16 or fp32 (dVAE and CLIP stay fp32)
     init_image: str | None = None  # an image file whose top init_rows rows of codes every sample keeps
     init_rows: int | None = None  # 1 .. grid rows - 1
+    cuda_graph: bool = False  # CUDA: replay each token's decoding step as one recorded CUDA graph
 
     def check(self) -> None:
         if any(n is not None and n < 1 for n in (self.num_images, self.batch_size, self.keep)):
@@ -81,6 +82,8 @@ def plan(dalle: DALLE, settings: GenerateSettings) -> tuple[GenerateSettings, Me
     settings with the batch size resolved, and the memory estimate for that batch size."""
     settings.check()
     device = next(dalle.parameters()).device
+    if settings.cuda_graph and device.type != "cuda":
+        raise ValueError(f"--cuda-graph needs a CUDA device; the model is on {device}")
     cast_for_inference(dalle, settings.dtype, device)
     guided, primed = settings.cond_scale != 1.0, (settings.init_rows or 0) * dalle.layout.grid_w
     batch_size = settings.batch_size
@@ -161,7 +164,8 @@ def _sample(dalle: DALLE, tokenizer: CaptionTokenizer, prompt: str, settings: Ge
         batch = dalle.generate_images(text.ids.to(device), mask=text.mask.to(device),
                                       filter_thres=settings.filter_thres, temperature=settings.temperature,
                                       top_p=settings.top_p,
-                                      cond_scale=settings.cond_scale, seed=settings.seed + k, **prime)
+                                      cond_scale=settings.cond_scale, seed=settings.seed + k,
+                                      cuda_graph=settings.cuda_graph, **prime)
         images.append(batch.float().clamp(0, 1).cpu())
         seeds += [(settings.seed + k, i) for i in range(n)]
     return torch.cat(images), seeds

@@ -91,6 +91,9 @@ def test_clear_errors_for_the_wrong_model_or_no_prompt(models, tmp_path, capsys)
     assert "neither a model folder" in capsys.readouterr().err
     assert main(["generate", "--dalle", str(models / "dalle"), "--out", str(tmp_path)]) == 2
     assert "no prompts" in capsys.readouterr().err
+    assert main(["generate", "--dalle", str(models / "dalle"), "--out", str(tmp_path), "--device", "cpu",
+                 "--cuda-graph", "x"]) == 2
+    assert "--cuda-graph needs a CUDA device; the model is on cpu" in capsys.readouterr().err
     assert main(["eval", "--out", str(tmp_path / "e.json"), "--vae", str(models / "vae")]) == 2
     assert "--vae and --images go together" in capsys.readouterr().err
 

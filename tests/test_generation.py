@@ -8,6 +8,7 @@ from conftest import tiny_clip, tiny_dalle
 from dalle_ds.attention.patterns import ATTN_TYPES
 from dalle_ds.models.kv_cache import KVCache
 from dalle_ds.models.sampling import top_k_filter, top_p_filter
+from dalle_ds.models.static_decode import StaticDecodeStep
 
 
 def captions(dalle, b=2):
@@ -30,6 +31,56 @@ def test_cached_logits_equal_a_full_forward(attn_type, reversible):
             steps.append(dalle.hidden(dalle.embed_image(codes[:, j:j + 1], j), cache))
         cached = dalle.to_image_logits(torch.cat(steps, dim=1))
     torch.testing.assert_close(cached, full[:, dalle.text_seq_len:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+@pytest.mark.parametrize("reversible", [False, True])
+def test_static_decoding_step_gives_the_cached_steps_logits(attn_type, reversible):
+    """The fixed-shape step that generate(cuda_graph=True) records and replays, run eagerly on
+    CPU: every step's logits equal the growing-cache step's, after a primed prefill."""
+    dalle = tiny_dalle(attn_types=(attn_type, "full"), reversible=reversible).eval()
+    codes = torch.randint(0, dalle.num_image_tokens, (2, dalle.image_seq_len))
+    with torch.no_grad():
+        prefill = torch.cat([dalle.embed_text(dalle.prepare_text(captions(dalle))), dalle.embed_image(codes[:, :3])], 1)
+        growing, fixed = (KVCache(len(dalle.patterns), dalle.layout.total_len) for _ in range(2))
+        for cache in (growing, fixed):
+            dalle.hidden(prefill, cache)
+        step = StaticDecodeStep(dalle, fixed, 2, torch.device("cpu"), record=False)
+        for j in range(3, dalle.image_seq_len - 1):
+            expected = dalle.to_image_logits(dalle.hidden(dalle.embed_image(codes[:, j:j + 1], j), growing)[:, -1])
+            torch.testing.assert_close(step(codes[:, j:j + 1], j), expected, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="not the cache's next position"):
+            step(codes[:, :1], 2)
+
+
+def test_static_decoding_step_traces_as_one_graph_without_host_syncs():
+    """What recording a CUDA graph needs, checked on CPU: dynamo traces the step whole
+    (fullgraph: no graph break, no .item(), no data-dependent Python)."""
+    dalle = tiny_dalle(attn_types=("axial_row", "full")).eval()
+    cache = KVCache(len(dalle.patterns), dalle.layout.total_len)
+    x = dalle.embed_text(dalle.prepare_text(captions(dalle)))
+    with torch.no_grad():
+        dalle.hidden(x, cache)
+        step = StaticDecodeStep(dalle, cache, 2, torch.device("cpu"), record=False)
+        step.code.fill_(5)
+        eager = step.forward()
+        traced = torch.compile(step.forward, fullgraph=True, backend="eager")()
+    torch.testing.assert_close(traced, eager)
+
+
+def test_cuda_graph_generation_needs_cuda_and_the_cache():
+    dalle = tiny_dalle()
+    with pytest.raises(ValueError, match="needs use_cache=True and the model on a CUDA device"):
+        dalle.generate_codes(captions(dalle), cuda_graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+def test_cuda_graph_generation_equals_eager_generation(attn_type):
+    dalle = tiny_dalle(attn_types=(attn_type, "full")).cuda()
+    text = captions(dalle).cuda()
+    greedy = dalle.generate_codes(text, temperature=0.0)
+    assert torch.equal(dalle.generate_codes(text, temperature=0.0, cuda_graph=True), greedy)
 
 
 @pytest.mark.parametrize("attn_type", ATTN_TYPES)

@@ -314,6 +314,15 @@ def decode_attention(pattern: AttentionPattern, q, k, v, start: int):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[start : start + nq, :nk])
 
 
+def decode_bias(pattern: AttentionPattern, device, dtype) -> torch.Tensor:
+    """(total_len, total_len) additive mask in ``dtype``, 0 where the pattern lets a query see a key
+    and -inf elsewhere: row p is what a static decoding step at position p adds to its scores."""
+    def build():
+        bias = torch.zeros(pattern.layout.total_len, pattern.layout.total_len, dtype=dtype, device=device)
+        return bias.masked_fill_(~pattern.dense_mask(device=device), float("-inf"))
+    return pattern.derived(("decode_bias", torch.device(device), dtype), build)
+
+
 # Dynamo stays out of attention (0.5 us a call in eager): FlexAttention compiles itself (flex.py)
 # and the CPU kernels are C++ ops it cannot trace, so a compiled region around a block
 # (train.compile_blocks) ends its graph here and resumes after.

@@ -24,6 +24,7 @@ from .kv_cache import KVCache
 from .linear_cross_entropy import LinearCrossEntropy
 from .pretrained import PretrainedMixin, records_config
 from .sampling import sample
+from .static_decode import StaticDecodeStep
 from .transformer import Transformer
 
 _VAE_INTERFACE = ("num_tokens", "image_size", "channels", "grid_size", "get_codebook_indices", "decode")
@@ -170,9 +171,12 @@ class DALLE(PretrainedMixin, nn.Module):
 
     def embed_image(self, codes: torch.Tensor, start: int = 0) -> torch.Tensor:
         """(b, m) codes at image indices [start, start + m) -> (b, m, dim)."""
-        idx = torch.arange(start, start + codes.shape[1], device=codes.device)
+        return self.embed_image_at(codes, torch.arange(start, start + codes.shape[1], device=codes.device))
+
+    def embed_image_at(self, codes: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """(b, m) codes at the image indices ``indices`` (m,) -> (b, m, dim)."""
         w = self.layout.grid_w
-        return self.image_emb(codes) + self.image_row_emb(idx // w) + self.image_col_emb(idx % w)
+        return self.image_emb(codes) + self.image_row_emb(indices // w) + self.image_col_emb(indices % w)
 
     def hidden(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Transformer over embedded positions [cache.length, cache.length + n) -> normed (b, n, dim)."""
@@ -190,6 +194,10 @@ class DALLE(PretrainedMixin, nn.Module):
         h = self.transformer(x, [attend_fn(i) for i in range(len(self.patterns))])
         if cache is not None:
             cache.length += x.shape[1]
+        return self.finish_hidden(h)
+
+    def finish_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """The transformer's output -> the normed hidden state the heads read."""
         if self.stable:
             h = h / h.abs().amax(dim=-1, keepdim=True).detach().clamp(min=1e-6)
         return self.norm(h)
@@ -235,8 +243,13 @@ class DALLE(PretrainedMixin, nn.Module):
 
     @torch.inference_mode()
     def generate_codes(self, text, *, mask=None, filter_thres=0.5, temperature=1.0, top_p=None, cond_scale=1.0,
-                       img=None, num_init_img_tokens=None, use_cache=True, seed=None) -> torch.Tensor:
+                       img=None, num_init_img_tokens=None, use_cache=True, seed=None,
+                       cuda_graph=False) -> torch.Tensor:
         """Samples image codes (b, N) for each caption in ``text`` (see ``generate_images``)."""
+        if cuda_graph and (not use_cache or text.device.type != "cuda"):
+            raise ValueError(f"cuda_graph=True replays the cached decoding step as a CUDA graph: it needs "
+                             f"use_cache=True and the model on a CUDA device (got use_cache={use_cache}, "
+                             f"text on {text.device})")
         was_training = self.training
         self.eval()
         try:
@@ -250,14 +263,18 @@ class DALLE(PretrainedMixin, nn.Module):
                 codes = self._priming_codes(img, b, num_init_img_tokens)
             generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
             cache = KVCache(len(self.patterns), self.layout.total_len) if use_cache else None
+            step = StaticDecodeStep(self, cache, text_ids.shape[0], device, record=True) if cuda_graph else None
             for j in range(codes.shape[1], self.image_seq_len):
                 both = codes.repeat(2, 1) if guided else codes
                 if cache is None or cache.length == 0:
                     x = torch.cat([self.embed_text(text_ids), self.embed_image(both)], dim=1)
                     h = self.hidden(x, cache)[:, -1]
+                    logits = self.to_image_logits(h)
+                elif step is not None:
+                    logits = step(both[:, -1:], j - 1)
                 else:  # only the newest code goes through the network
                     h = self.hidden(self.embed_image(both[:, -1:], j - 1), cache)[:, -1]
-                logits = self.to_image_logits(h)
+                    logits = self.to_image_logits(h)
                 if guided:
                     cond, uncond = logits.chunk(2)
                     logits = uncond + (cond - uncond) * cond_scale
@@ -279,20 +296,24 @@ class DALLE(PretrainedMixin, nn.Module):
 
     @torch.inference_mode()
     def generate_images(self, text, *, mask=None, clip=None, filter_thres=0.5, temperature=1.0, top_p=None,
-                        cond_scale=1.0, img=None, num_init_img_tokens=None, use_cache=True, seed=None):
+                        cond_scale=1.0, img=None, num_init_img_tokens=None, use_cache=True, seed=None,
+                        cuda_graph=False):
         """Generates one image per caption: (b, c, H, W) in [0, 1] space.
 
         filter_thres: top-k keeping the top (1 - filter_thres) of the image vocabulary;
         top_p: nucleus sampling; temperature 0: greedy. cond_scale != 1: classifier-free
         guidance (train with null_cond_prob > 0). img (pixels or codes) primes the first
         num_init_img_tokens codes (default 43.75%, as DALLE-pytorch). seed: reproducible.
+        cuda_graph (CUDA, with the cache): each token's step replays one recorded CUDA graph
+        instead of launching its kernels from Python (``static_decode.py``).
         With ``clip``, returns (images, scores): image i for caption i, as without it, and
         scores[i] its CLIP score against caption i (rank them with ``scores.argsort``; ``dalle-ds
         generate`` keeps the best).
         """
         codes = self.generate_codes(text, mask=mask, filter_thres=filter_thres, temperature=temperature,
                                     top_p=top_p, cond_scale=cond_scale, img=img,
-                                    num_init_img_tokens=num_init_img_tokens, use_cache=use_cache, seed=seed)
+                                    num_init_img_tokens=num_init_img_tokens, use_cache=use_cache, seed=seed,
+                                    cuda_graph=cuda_graph)
         images = self.vae.decode(codes)
         if clip is None:
             return images

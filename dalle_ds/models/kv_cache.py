@@ -24,11 +24,19 @@ class KVCache:
         """k, v: (b, h, t, d) for positions [length, length + t) -> all cached (b, h, length + t, d)."""
         if self.keys[layer] is None:
             b, h, _, d = k.shape
-            self.keys[layer] = k.new_empty(b, h, self.max_len, d)
-            self.values[layer] = v.new_empty(b, h, self.max_len, d)
+            # zeros, not garbage: a static decoding step reads the unwritten tail (masked; 0 * NaN is NaN)
+            self.keys[layer] = k.new_zeros(b, h, self.max_len, d)
+            self.values[layer] = v.new_zeros(b, h, self.max_len, d)
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; asked to reach {end}")
         self.keys[layer][:, :, self.length:end] = k
         self.values[layer][:, :, self.length:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def write_at(self, layer: int, position: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """k, v: (b, h, 1, d) for the position held in the (1,) device tensor ``position`` (no host
+        sync: ``StaticDecodeStep``) -> the whole cache (b, h, max_len, d); ``append`` filled it first."""
+        self.keys[layer].index_copy_(2, position, k)
+        self.values[layer].index_copy_(2, position, v)
+        return self.keys[layer], self.values[layer]
