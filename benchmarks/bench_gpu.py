@@ -98,8 +98,10 @@ def attention(device, shapes, timing) -> list[dict]:
 
 def layouts(device, shapes, timing) -> list[dict]:
     """Every FlexAttention layout ``flex`` considers for each sparse type, timed fwd+bwd: the
-    figures behind ``flex.GATHER_COST``. Per shape, a least-squares fit of ms = a * tile fraction
-    + b * gathered gives the cost of a gather in the estimate's unit, to compare with GATHER_COST."""
+    figures behind ``flex.GATHER_COST``. Per shape, a least-squares fit of ms = a * full tiles +
+    b * partial tiles (each as a fraction of full causal attention's area) + c * gathered gives
+    what a gather costs in the estimate's unit (c / a), to compare with GATHER_COST, and whether a
+    partial tile (masked score by score) costs more than a full one (b against a)."""
     from dalle_ds.attention import flex
     from dalle_ds.attention.patterns import ATTN_TYPES, build_pattern
 
@@ -118,14 +120,17 @@ def layouts(device, shapes, timing) -> list[dict]:
                     plan.attend(q, k, v).backward(grad)
                     q.grad = k.grad = v.grad = None
                 row = dict(shape=str(tuple(q.shape)), type=name, layout=str(plan), tile_fraction=plan.tile_fraction,
-                           estimated_cost=plan.estimated_cost, ms=common.timeit(step, **timing)["median"] * 1e3)
+                           partial_fraction=plan.partial_fraction, estimated_cost=plan.estimated_cost,
+                           ms=common.timeit(step, **timing)["median"] * 1e3)
                 rows.append(row)
-                fit.append((plan.tile_fraction, float(plan.slots is not None), row["ms"]))
+                fit.append((plan.tile_fraction - plan.partial_fraction, plan.partial_fraction,
+                            float(plan.slots is not None), row["ms"]))
                 print(f"  {row}")
-        features, ms = torch.tensor([f[:2] for f in fit]), torch.tensor([[f[2]] for f in fit])
-        a, b = torch.linalg.lstsq(features, ms).solution.flatten()
-        print(f"fit at {tuple(q.shape)}: {a:.3f} ms per unit of tile fraction, gathers {b:.3f} ms: GATHER_COST "
-              f"{b / a * flex.causal_area(n, device) / (n * d):.2f} (now {flex.GATHER_COST})")
+        features, ms = torch.tensor([f[:3] for f in fit]), torch.tensor([[f[3]] for f in fit])
+        a, b, c = torch.linalg.lstsq(features, ms).solution.flatten().tolist()
+        print(f"fit at {tuple(q.shape)}: ms per unit of causal area {a:.3f} in full tiles, {b:.3f} in partial "
+              f"ones; gathers {c:.3f} ms: GATHER_COST {c / a * flex.causal_area(n, device) / (n * d):.2f} "
+              f"(now {flex.GATHER_COST})")
     return rows
 
 

@@ -1,6 +1,7 @@
 """FlexAttention's work per sparse pattern, on any machine: for every layout
 ``dalle_ds.attention.flex`` considers, the area of the (query block, key block) tiles its block
-mask visits as a fraction of full causal attention's, and its estimated cost (the tiles plus the
+mask visits as a fraction of full causal attention's (and the part of it in partial tiles, whose
+scores are masked one by one), and its estimated cost (the tiles plus the
 gathers into slot order, at head dim 64, in the same unit); the layout of least cost is chosen.
 
 Run: .venv/bin/python benchmarks/bench_tiles.py   (CPU, about 10 s)
@@ -26,11 +27,11 @@ def main():
             pattern = build_pattern(name, layout)
             plans = flex.candidate_plans(pattern, n, HEAD_DIM, "cpu")
             chosen = flex.build_plan(pattern, n, HEAD_DIM, "cpu")
-            rows += [[name, str(plan), plan.tile_fraction, plan.estimated_cost,
+            rows += [[name, str(plan), plan.tile_fraction, plan.partial_fraction, plan.estimated_cost,
                       "<- chosen" if str(plan) == str(chosen) else ""] for plan in plans]
             if target:
                 verdicts.append(common.verdict(f"{name} tiles / full causal's", chosen.tile_fraction, target, False))
-        common.table(["type", "layout", "tile fraction", "estimated cost", ""], rows)
+        common.table(["type", "layout", "tile fraction", "of it partial", "estimated cost", ""], rows)
         print("\n".join(verdicts))
     common.footer(start)
 

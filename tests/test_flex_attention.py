@@ -70,6 +70,7 @@ def test_chosen_flex_layout_gathers_only_where_the_estimate_says_it_pays(attn_ty
         plan = flex.build_plan(pattern, n, 64, "cpu")
         assert plan.estimated_cost == min(p.estimated_cost for p in plans)
         assert all(p.estimated_cost == p.tile_fraction for p in plans if p.slots is None)  # no gathers, no extra
+        assert all(0 < p.partial_fraction < p.tile_fraction for p in plans)  # the text's tiles are full
         if layout.grid_h == 32:
             assert plan.slots is None, str(plan)
         else:

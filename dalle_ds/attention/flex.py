@@ -68,6 +68,7 @@ class FlexPlan:
     gather: torch.Tensor | None  # (m,) the row each slot reads: padding reads position 0, masked out
     inverse: torch.Tensor | None  # (n,) slot of each position
     tile_fraction: float  # area of the visited tiles / that of full causal attention's
+    partial_fraction: float  # the part of tile_fraction in partial tiles (masked score by score)
     estimated_cost: float  # tile_fraction plus the gathers' cost in the same unit (GATHER_COST)
     reordered: bool  # the image in the pattern's flex_order (else raster order)
     text_padding: int  # padding slots after the text
@@ -137,9 +138,9 @@ def candidate_plans(pattern: AttentionPattern, n: int, head_dim: int, device) ->
             slots = _slots(pattern, n, image_order, padding)
             gathers = _gathers(slots, n, device)
             mask = _block_mask(pattern, gathers[0], n, device)
-            tiles = _area(mask) / causal
+            tiles, partial = _area(mask) / causal, _area(mask, partial_only=True) / causal
             cost = tiles + (0.0 if slots is None else GATHER_COST * n * head_dim / causal)
-            plans.append(FlexPlan(mask, *gathers, tiles, cost, image_order is not None, padding))
+            plans.append(FlexPlan(mask, *gathers, tiles, partial, cost, image_order is not None, padding))
     return plans
 
 
@@ -187,10 +188,10 @@ def _causal(b, h, q, k):
     return k <= q
 
 
-def _area(block_mask: _flex.BlockMask) -> int:
-    """Query-key pairs in the tiles the mask visits (partial and full)."""
+def _area(block_mask: _flex.BlockMask, partial_only: bool = False) -> int:
+    """Query-key pairs in the tiles the mask visits (partial and full, or partial only)."""
     tiles = block_mask.kv_num_blocks.sum()
-    if block_mask.full_kv_num_blocks is not None:
+    if block_mask.full_kv_num_blocks is not None and not partial_only:
         tiles = tiles + block_mask.full_kv_num_blocks.sum()
     q_block, kv_block = block_mask.BLOCK_SIZE
     return int(tiles) * q_block * kv_block
