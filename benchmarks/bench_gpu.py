@@ -128,9 +128,9 @@ def layouts(device, shapes, timing) -> list[dict]:
                 print(f"  {row}")
         features, ms = torch.tensor([f[:3] for f in fit]), torch.tensor([[f[3]] for f in fit])
         a, b, c = torch.linalg.lstsq(features, ms).solution.flatten().tolist()
+        implied = c / a * flex.causal_area(n, device) / (n * d) if a > 0 else float("nan")  # nan: no full tiles
         print(f"fit at {tuple(q.shape)}: ms per unit of causal area {a:.3f} in full tiles, {b:.3f} in partial "
-              f"ones; gathers {c:.3f} ms: GATHER_COST {c / a * flex.causal_area(n, device) / (n * d):.2f} "
-              f"(now {flex.GATHER_COST})")
+              f"ones; gathers {c:.3f} ms: GATHER_COST {implied:.2f} (now {flex.GATHER_COST})")
     return rows
 
 
