@@ -17,12 +17,12 @@ from torch.profiler import ProfilerActivity, profile
 
 from ..files import atomic_write, atomic_write_bytes
 
-# Substrings of kernel and operation names, lower-cased. Matmuls: cuBLAS's kernels (gemm, nvjet,
-# cutlass) and ATen's mm ops on CPU. Attention: SDPA's flash and memory-efficient kernels,
-# FlexAttention (compiled to inductor templates, "triton_tem_*": the eager model has no others)
-# and our CPU kernel's ops.
-KINDS = {"matmul": ("gemm", "nvjet", "cutlass", "mm"),
-         "attention": ("flash", "fmha", "attention", "flex", "triton_tem")}
+# Substrings of kernel and operation names, lower-cased, tried in this order. Attention first:
+# SDPA's flash, memory-efficient (fmha) and cuDNN (sdpa) kernels, whose template names may hold
+# "cutlass"; FlexAttention (compiled to inductor templates, "triton_tem_*": the eager model has
+# no others); our CPU kernel's ops. Then matmuls: cuBLAS's kernels and ATen's mm ops on CPU.
+KINDS = {"attention": ("flash", "fmha", "sdpa", "attention", "flex", "triton_tem"),
+         "matmul": ("gemm", "nvjet", "cutlass", "mm")}
 TOP_OPERATIONS = 30  # rows of the summary's table
 
 
@@ -46,8 +46,9 @@ def describe(by_kind: dict[str, float]) -> str:
 
 class StepProfiler:
     """Profiles optimizer steps [first, first + count) of a run; ``first`` 0: never. Call
-    ``starting(step)`` before each step and ``finished(step)`` after it (1-based step numbers);
-    a resumed run past ``first`` profiles nothing."""
+    ``starting(step)`` before each step and ``finished(step)`` after it (1-based step numbers),
+    and ``finished(step, run_ended=True)`` when the loop stops early (a preemption inside the
+    window writes what it has). A resumed run past ``first`` profiles nothing."""
 
     def __init__(self, first: int, count: int, folder: Path, rank: int, device: torch.device):
         self.first, self.last = first, first + count - 1
@@ -61,11 +62,12 @@ class StepProfiler:
             self._profile.start()
             self._began = time.perf_counter()
 
-    def finished(self, step: int) -> str | None:
-        """After the window's last step: writes the trace and summary; returns the summary's
-        first line (else None)."""
-        if self._profile is None or step != self.last:
+    def finished(self, step: int, run_ended: bool = False) -> str | None:
+        """After the window's last step (or the run's, inside the window): writes the trace and
+        summary; returns the summary's first line (else None)."""
+        if self._profile is None or (step != self.last and not run_ended):
             return None
+        self.last = step
         if self.on_cuda:
             torch.cuda.synchronize()  # the window's kernels, all of them
         steps = self.last - self.first + 1

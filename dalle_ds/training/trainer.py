@@ -266,9 +266,7 @@ class Trainer:
         while self.progress.step < self.config.train.steps:
             profiler.starting(self.progress.step + 1)
             logs = self._optimizer_step(batches, throughput, bad)
-            profiled = profiler.finished(self.progress.step)
-            if profiled and self.env.is_main:
-                print(f"{self.command}: {profiled}", flush=True)
+            self._report_profile(profiler.finished(self.progress.step))
             console.step()
             if self.progress.step % self.config.logging.every_steps == 0:
                 self._log(logs, throughput)
@@ -283,9 +281,14 @@ class Trainer:
                 self._save()
             if preempted:
                 break
+        self._report_profile(profiler.finished(self.progress.step, run_ended=True))  # preempted inside the window
         console.close()
         self.metrics.close()
         return self.progress
+
+    def _report_profile(self, line: str | None) -> None:
+        if line and self.env.is_main:
+            print(f"{self.command}: {line}", flush=True)
 
     def _optimizer_step(self, batches, throughput: Throughput, bad: "_BadSteps") -> dict:
         """One optimizer step: grad_accumulation micro-batches through the engine. Micro-batches
@@ -389,9 +392,11 @@ class Trainer:
         bad = [key for key, value in counts.items() if value < 1]
         if bad:
             raise ValueError(f"config {', '.join(bad)} must be >= 1")
-        if not 0 <= c.logging.profile_at_step <= c.train.steps:
-            raise ValueError(f"config logging.profile_at_step must be a step of the run, 1 to train.steps "
-                             f"({c.train.steps}), or 0 for no profile; got {c.logging.profile_at_step}")
+        first, last = c.logging.profile_at_step, c.logging.profile_at_step + c.logging.profile_steps - 1
+        if first < 0 or (first and last > c.train.steps):
+            raise ValueError(f"config logging.profile_at_step={first} with logging.profile_steps="
+                             f"{c.logging.profile_steps} profiles steps {first}-{last}: the window must lie in the "
+                             f"run's steps 1-{c.train.steps} (profile_at_step 0: no profile)")
 
     def check_inputs(self) -> None:
         """ValueError for an input path that cannot be used (each trainer checks its own), before

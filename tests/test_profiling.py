@@ -1,0 +1,37 @@
+"""training/profiling.py's split of kernel time by kind, on CUDA kernel names as the H200 showed
+them (a CPU machine's profiler records no CUDA kernels, so the events are built here)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dalle_ds.training.profiling import describe, time_by_kind
+
+CUDA, CPU = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+
+def kernel(name: str, us: float, device=CUDA):
+    return SimpleNamespace(key=name, device_type=device, self_device_time_total=us, self_cpu_time_total=us)
+
+
+def test_kernel_names_go_to_their_kind_attention_before_matmul():
+    events = [
+        kernel("nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_NTN", 4000),  # cuBLAS
+        kernel("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_tn_align8>", 1000),
+        kernel("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 4, cutlass::bfloat16_t>>", 600),
+        kernel("fmha_cutlassB_bf16_aligned_64x64_k64_sm80", 300),  # memory-efficient SDPA: its name holds "cutlass"
+        kernel("triton_tem_fused_flex_attention_backward_1", 500),  # FlexAttention, compiled
+        kernel("void at::native::elementwise_kernel<128, 4>", 1600),
+        kernel("aten::mm", 9999, device=CPU),  # the CPU side of a CUDA matmul: not kernel time
+    ]
+    by_kind = time_by_kind(events, steps=2, on_cuda=True)
+    assert by_kind == pytest.approx({"attention": 0.7, "matmul": 2.5, "other": 0.8})
+    assert describe(by_kind) == "attention 0.7 (18%), matmul 2.5 (62%), other 0.8 (20%)"
+
+
+def test_on_cpu_operations_own_time_counts():
+    events = [kernel("aten::mm", 2000, CPU), kernel("dalle_ds_attention::grouped_forward", 1000, CPU),
+              kernel("aten::add", 1000, CPU)]
+    by_kind = time_by_kind(events, steps=1, on_cuda=False)
+    assert by_kind == pytest.approx({"attention": 1.0, "matmul": 2.0, "other": 1.0})
