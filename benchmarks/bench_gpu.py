@@ -213,11 +213,15 @@ def _guarded(run: str, measure) -> dict:
 
 
 def generation(device, spec, timing, peer: bool) -> list[dict]:
-    """Cached generation of ``batch`` images: ours eagerly and (CUDA) replaying a CUDA graph per
-    token, then the peer, each row printed as it comes (the peer's calls take minutes at 441M)."""
+    """Cached generation of ``batch`` images: ours (DALL-E cast to bf16, as ``generate --dtype
+    bf16``) eagerly and (CUDA) replaying a CUDA graph per token, then the peer (bf16 autocast),
+    each row printed as it comes (the peer's calls take minutes at 441M)."""
     steps = common.grid(spec) ** 2
     tokens = spec["batch"] * steps
+    from dalle_ds.generate import cast_for_inference
+
     model = common.build_ours(spec).to(device).eval()
+    cast_for_inference(model, "bf16", torch.device(device))  # as generate --dtype bf16: no autocast casts
     text, _ = common.make_batch(spec, device=device)
     rows = []
 
@@ -230,8 +234,7 @@ def generation(device, spec, timing, peer: bool) -> list[dict]:
             continue
 
         def generate():
-            with torch.autocast(device, dtype=torch.bfloat16):
-                model.generate_codes(text, filter_thres=0.9, use_cache=True, seed=0, cuda_graph=graphed)
+            model.generate_codes(text, filter_thres=0.9, use_cache=True, seed=0, cuda_graph=graphed)
         row(run, common.timeit(generate, **dict(timing, warmup=1, repeats=2))["median"])
     del model
     _reset_memory(device)

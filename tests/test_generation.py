@@ -8,6 +8,7 @@ from conftest import tiny_clip, tiny_dalle
 from dalle_ds.attention.patterns import ATTN_TYPES
 from dalle_ds.models.kv_cache import KVCache
 from dalle_ds.models.sampling import top_k_filter, top_p_filter
+from dalle_ds.models import static_decode
 from dalle_ds.models.static_decode import StaticDecodeStep
 
 
@@ -68,6 +69,19 @@ def test_static_decoding_step_traces_as_one_graph_without_host_syncs():
     torch.testing.assert_close(traced, eager)
 
 
+@pytest.mark.parametrize("attn_type", ["axial_col", "sparse"])
+def test_generation_through_the_fixed_shape_step_equals_eager_generation(attn_type, monkeypatch):
+    """generate_codes(cuda_graph=True) end to end, its step run unrecorded on CPU: with guidance,
+    an image prompt and sampling, the same codes as the eager cached loop."""
+    monkeypatch.setattr(static_decode, "GRAPH_DEVICES", ("cuda", "cpu"))
+    dalle = tiny_dalle(attn_types=(attn_type, "full"))
+    text, primer = captions(dalle), torch.randint(0, dalle.num_image_tokens, (2, dalle.image_seq_len))
+    options = dict(seed=4, cond_scale=3.0, img=primer, num_init_img_tokens=5, filter_thres=0.5)
+    eager = dalle.generate_codes(text, **options)
+    assert torch.equal(dalle.generate_codes(text, cuda_graph=True, **options), eager)
+    assert torch.equal(eager[:, :5], primer[:, :5])
+
+
 def test_cuda_graph_generation_needs_cuda_and_the_cache():
     dalle = tiny_dalle()
     with pytest.raises(ValueError, match="needs use_cache=True and the model on a CUDA device"):
@@ -76,11 +90,15 @@ def test_cuda_graph_generation_needs_cuda_and_the_cache():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
 @pytest.mark.parametrize("attn_type", ATTN_TYPES)
-def test_cuda_graph_generation_equals_eager_generation(attn_type):
+@pytest.mark.parametrize("autocast", [False, True])
+def test_cuda_graph_generation_equals_eager_generation(attn_type, autocast):
     dalle = tiny_dalle(attn_types=(attn_type, "full")).cuda()
     text = captions(dalle).cuda()
-    greedy = dalle.generate_codes(text, temperature=0.0)
-    assert torch.equal(dalle.generate_codes(text, temperature=0.0, cuda_graph=True), greedy)
+    primer = torch.randint(0, dalle.num_image_tokens, (2, 5), device="cuda")
+    options = dict(temperature=0.0, cond_scale=2.0, img=primer, num_init_img_tokens=5)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        greedy = dalle.generate_codes(text, **options)
+        assert torch.equal(dalle.generate_codes(text, cuda_graph=True, **options), greedy)
 
 
 @pytest.mark.parametrize("attn_type", ATTN_TYPES)

@@ -44,10 +44,11 @@ MIN_HEAD_DIM = 16  # FlexAttention's CUDA kernel rejects smaller heads
 BLOCK_SIZE = 128
 # The estimated cost of one (position x head-dim) element gathered into slot order and back (q, k,
 # v in, the output out, forward and backward), in visited scores (fwd+bwd) of a 128-block tile.
-# H200, torch 2.11, bf16 (bench_gpu.py, 2026-11-30): a visited score 6.1 ps (axial_col in raster
-# order at 1280 positions); the four gathers 32 ps per element, forward and backward alike
-# (index_select, 42 us per (8, 16, 1280, 64) tensor). So gathering 1280 positions of head dim 64
-# costs as much as 0.48 of full causal attention's tiles: a reordering pays only on long images.
+# H200, torch 2.11, bf16: a visited score 6.1 ps fwd+bwd (axial_col in raster order at 1280
+# positions, at e8295ba); a forward gather 42 us per (8, 16, 1280, 64) tensor (bench_gpu.py's
+# profile, 2026-11-30), and its backward, now a gather too, assumed the same: 32 ps per element
+# for the four. So gathering 1280 positions of head dim 64 costs as much as 0.48 of full causal
+# attention's tiles: a reordering pays only on long images. bench_gpu.py --sections layouts refits it.
 GATHER_COST = 5.3
 # Compiled variants allowed: 4 sparse pattern classes x 2 grad modes x 2 dtypes leaves room for a
 # second layout (a fine-tuning run at another resolution). Past it: an error, never a slow fallback.

@@ -310,17 +310,13 @@ def decode_attention(pattern: AttentionPattern, q, k, v, start: int):
     nq, nk = q.shape[2], k.shape[2]
     if nq == 1 and not pattern.sparse:
         return F.scaled_dot_product_attention(q, k, v)
-    mask = pattern.derived(("dense_mask", q.device), lambda: pattern.dense_mask(device=q.device))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[start : start + nq, :nk])
+    mask = dense_mask_on(pattern, q.device)[start : start + nq, :nk]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def decode_bias(pattern: AttentionPattern, device, dtype) -> torch.Tensor:
-    """(total_len, total_len) additive mask in ``dtype``, 0 where the pattern lets a query see a key
-    and -inf elsewhere: row p is what a static decoding step at position p adds to its scores."""
-    def build():
-        bias = torch.zeros(pattern.layout.total_len, pattern.layout.total_len, dtype=dtype, device=device)
-        return bias.masked_fill_(~pattern.dense_mask(device=device), float("-inf"))
-    return pattern.derived(("decode_bias", torch.device(device), dtype), build)
+def dense_mask_on(pattern: AttentionPattern, device) -> torch.Tensor:
+    """The pattern's (total_len, total_len) bool mask on ``device``, built once: decoding's rows."""
+    return pattern.derived(("dense_mask", torch.device(device)), lambda: pattern.dense_mask(device=device))
 
 
 # Dynamo stays out of attention (0.5 us a call in eager): FlexAttention compiles itself (flex.py)

@@ -20,11 +20,11 @@ from torch import nn
 
 from ..attention.kernels import attend
 from ..attention.patterns import SequenceLayout, build_pattern, pattern_default
+from . import static_decode
 from .kv_cache import KVCache
 from .linear_cross_entropy import LinearCrossEntropy
 from .pretrained import PretrainedMixin, records_config
 from .sampling import sample
-from .static_decode import StaticDecodeStep
 from .transformer import Transformer
 
 _VAE_INTERFACE = ("num_tokens", "image_size", "channels", "grid_size", "get_codebook_indices", "decode")
@@ -246,7 +246,7 @@ class DALLE(PretrainedMixin, nn.Module):
                        img=None, num_init_img_tokens=None, use_cache=True, seed=None,
                        cuda_graph=False) -> torch.Tensor:
         """Samples image codes (b, N) for each caption in ``text`` (see ``generate_images``)."""
-        if cuda_graph and (not use_cache or text.device.type != "cuda"):
+        if cuda_graph and (not use_cache or text.device.type not in static_decode.GRAPH_DEVICES):
             raise ValueError(f"cuda_graph=True replays the cached decoding step as a CUDA graph: it needs "
                              f"use_cache=True and the model on a CUDA device (got use_cache={use_cache}, "
                              f"text on {text.device})")
@@ -263,7 +263,10 @@ class DALLE(PretrainedMixin, nn.Module):
                 codes = self._priming_codes(img, b, num_init_img_tokens)
             generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
             cache = KVCache(len(self.patterns), self.layout.total_len) if use_cache else None
-            step = StaticDecodeStep(self, cache, text_ids.shape[0], device, record=True) if cuda_graph else None
+            step = None
+            if cuda_graph:  # recorded on CUDA; elsewhere (the tests) the same step runs unrecorded
+                step = static_decode.StaticDecodeStep(self, cache, text_ids.shape[0], device,
+                                                      record=device.type == "cuda")
             for j in range(codes.shape[1], self.image_seq_len):
                 both = codes.repeat(2, 1) if guided else codes
                 if cache is None or cache.length == 0:

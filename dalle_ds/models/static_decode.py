@@ -6,9 +6,13 @@ per token, and launches some twenty kernels per layer from Python: at the batch 
 generation its time is the host's, not the device's. Here the step's inputs live in fixed
 buffers (the last code and its image index, on the device); every layer writes its keys and
 values at that position of the full-length cache and attends to all of it under the pattern's
-additive bias row for the position (``kernels.decode_bias``: -inf where it may not look, so the
-cache's zeros beyond the position weigh nothing). No shape or Python value changes between
-tokens, so one recording serves the whole image.
+mask row for the position (``kernels.dense_mask_on``: what it may not see, the cache's zeros
+beyond the position included, weighs nothing). No shape or Python value changes between tokens,
+so one recording serves the whole image (it is recorded once per call).
+
+Under autocast, recording needs autocast's weight-cast cache off, so a replay casts every weight
+again; a model cast to bf16 (``generate --dtype bf16``, ``generate.cast_for_inference``) has no
+casts to make.
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from ..attention.kernels import decode_bias
+from ..attention.kernels import dense_mask_on
 from .kv_cache import KVCache
 
 WARMUP_STEPS = 2  # eager runs on a side stream before recording, as torch.cuda.graph asks
+# Where generate_codes(cuda_graph=True) runs: the step is recorded on CUDA. The tests add "cpu",
+# where the same fixed-shape step runs unrecorded.
+GRAPH_DEVICES = ("cuda",)
 
 
 class StaticDecodeStep:
@@ -60,19 +67,20 @@ class StaticDecodeStep:
 
     def _attend(self, layer: int, position: torch.Tensor, q, k, v, dropout_p: float = 0.0):
         keys, values = self.cache.write_at(layer, position, k, v)
-        bias = decode_bias(self.dalle.patterns[layer], q.device, q.dtype).index_select(0, position)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias)
+        mask = dense_mask_on(self.dalle.patterns[layer], q.device).index_select(0, position)  # (1, max_len)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
     def _record_graph(self) -> None:
         # Autocast's weight-cast cache must be off while recording (casts are graph kernels then).
         autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
                                   enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), autocast:
-            for _ in range(WARMUP_STEPS):  # each rewrites this position's keys and values: the same ones
-                self.forward()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), autocast:
-            self.logits = self.forward()
+        with torch.cuda.device(self.code.device):  # the model's GPU, whichever is current
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), autocast:
+                for _ in range(WARMUP_STEPS):  # each rewrites this position's keys and values: the same ones
+                    self.forward()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph), autocast:
+                self.logits = self.forward()
