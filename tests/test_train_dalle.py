@@ -52,10 +52,20 @@ def command(inputs, out, *extra, ranks=1, ds_config="zero2.json"):
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 
 
-def run(cmd, with_stderr=False):
-    done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return (done.stdout, done.stderr) if with_stderr else done.stdout
+def run(cmd, with_stderr=False, timeout=300):
+    """Runs a training command; past ``timeout`` its whole process group is killed (torchrun's
+    workers too, which would otherwise run on beside the next tests) and the test fails with the
+    output it had written."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd[:4])} ...\n{stderr[-3000:]}") from None
+    assert proc.returncode == 0, stderr[-3000:]
+    return (stdout, stderr) if with_stderr else stdout
 
 
 def losses(run_dir) -> dict[int, float]:
