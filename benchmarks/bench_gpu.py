@@ -23,7 +23,7 @@ sizes instead (a check of this script, not a measurement). A failing row or sect
 and recorded, and the others still run; rows are printed as they are measured. On an H200
 (2026-11-30) the sections took: train_step 144 s, profile 8 s, train_dalle 38 s, attention 138 s
 (then with autotuned compiles), generation over 225 s (with the peer): ``--sections`` splits the
-run to fit a device's time limit.
+run to fit a device's time limit, and ``--no-peer`` drops the peer's rows.
 """
 
 from __future__ import annotations
@@ -333,6 +333,8 @@ def main():
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated, of {', '.join(SECTIONS + EXTRA_SECTIONS)}")
     parser.add_argument("--smoke", action="store_true", help="toy sizes, on CPU where there is no CUDA")
+    parser.add_argument("--no-peer", action="store_true",
+                        help="skip the peer's rows (its generation alone takes minutes at 441M)")
     args = parser.parse_args()
     if not torch.cuda.is_available() and not args.smoke:
         print("bench_gpu: no CUDA device here; these figures need one (--smoke checks the script on CPU)")
@@ -340,7 +342,7 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     spec, shapes, timing = (SMOKE_SPEC, SMOKE_ATTENTION, SMOKE_TIMING) if args.smoke else (SPEC, ATTENTION, TIMING)
     start = common.header(f"bench_gpu on {torch.cuda.get_device_name() if device == 'cuda' else 'CPU (smoke)'}")
-    peer = _peer_available()
+    peer = _peer_available() and not args.no_peer
     print(f"spec {spec}\n{common.PEER_NOTE}" + ("" if peer else "\npeer not installed: its rows are skipped"))
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__}
     runs = {"attention": lambda: attention(device, shapes, timing),
