@@ -287,29 +287,25 @@ def train_dalle(device, spec, smoke: bool) -> dict:
 
 
 def profile(device, spec, timing) -> dict:
-    """Kernel time of two cycled train steps, by kind and for the costliest kernels."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
+    """Two cycled train steps under the trainers' own profiler (``training/profiling.py``): wall
+    time, kernel time by kind and the costliest kernels."""
     from dalle_ds.training.optim import OptimConfig, build_optimizer
-    from dalle_ds.training.profiling import TOP_OPERATIONS, describe, time_by_kind
+    from dalle_ds.training.profiling import StepProfiler
 
     model = common.build_ours(spec).to(device)
     opt = build_optimizer(model, OptimConfig(lr=1e-4))
     text, codes = common.make_batch(spec, device=device)
     step = common.train_step_fn(model, text, codes, opt, torch.bfloat16)
     common.timeit(step, warmup=timing["warmup"], repeats=1)
-    on_cuda = device == "cuda"
-    with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])) as prof:
-        for _ in range(2):
+    with tempfile.TemporaryDirectory() as tmp:
+        profiler = StepProfiler(1, 2, Path(tmp), 0, torch.device(device))
+        for number in (1, 2):
+            profiler.starting(number)
             step()
-        torch.cuda.synchronize() if on_cuda else None
-    events = prof.key_averages()
-    by_kind = time_by_kind(events, 2, on_cuda)
-    print(f"{'kernel' if on_cuda else 'CPU'} ms per step by kind: {describe(by_kind)}")
-    sort = "self_device_time_total" if on_cuda else "self_cpu_time_total"
-    print(events.table(sort_by=sort, row_limit=TOP_OPERATIONS, max_name_column_width=70))
-    return dict(ms_per_step_by_kind=by_kind)
+            profiler.finished(number)
+        summary = next(Path(tmp).glob("*.txt")).read_text()
+    print(summary)
+    return dict(summary=summary)
 
 
 def _reset_memory(device) -> None:
