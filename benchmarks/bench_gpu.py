@@ -3,9 +3,11 @@
 - attention alone, fwd+bwd, bf16, q/k/v (2, 16, 4352, 64) [256 text + 64x64 image] and
   (8, 16, 1280, 64) [256 text + 32x32]: each type's time against full attention's, its largest
   error against the dense reference, and the FlexAttention layout and tile fraction of each
-  sparse type (the first call compiles);
+  sparse type (the first call compiles); and per sparse type, a lower bound on a design not
+  built, SDPA for the text keys and FlexAttention for the image keys alone (``_split_bound``);
 - the train step (fwd + bwd + fused AdamW, bf16 autocast) at the 441M spec: tokens/s, MFU against
-  ``PEAK_FLOPS``, peak memory; the same with every layer full; the peer on both;
+  ``PEAK_FLOPS``, peak memory, the host's share of the step; the same with every layer full; the
+  peer on both;
 - cached generation of 8 images at the 441M spec, eagerly and replaying a CUDA graph per token:
   image tokens/s, per-token latency, the peer;
 - ``train-dalle`` itself (DeepSpeed ZeRO-2 bf16, synthetic token shards): its ``metrics.jsonl``;
@@ -89,10 +91,59 @@ def attention(device, shapes, timing) -> list[dict]:
             except Exception:  # the other types' rows still count
                 row["error"] = traceback.format_exc(limit=2)
                 print(row["error"])
+        rows += _split_bound(shape, device, timing, full)
     common.table(["q/k/v", "type", "ms fwd+bwd", "vs full", "max error", "tile fraction", "layout"],
                  [[r["shape"], r["type"], r.get("ms", "failed"), r.get("vs_full") or "", r.get("max_err", ""),
                    r.get("tile_fraction", ""), r.get("layout", "")] for r in rows])
     print(f"FlexAttention: {dict(flex.COUNTS)}; targets: sparse <= 0.45x of full at n = 4352, <= 1.0x at 1280")
+    print("'split' rows: the parts of a kernel that would attend to the text with SDPA and to the image with "
+          "FlexAttention, timed apart, the merge of their outputs left out: a lower bound on that design")
+    return rows
+
+
+def _split_bound(shape: dict, device, timing, full_ms) -> list[dict]:
+    """A design not built: SDPA's flash kernel for every query's text keys (text queries causally,
+    image queries all of them) and FlexAttention for the image keys alone, the two merged by their
+    log-sum-exp. Its parts, timed fwd+bwd on their own, give a lower bound on its time per type."""
+    import torch.nn.functional as F
+
+    from dalle_ds.attention.kernels import attend
+    from dalle_ds.attention.patterns import ATTN_TYPES, SequenceLayout, build_pattern
+
+    t, grid = shape["text"] + 1, shape["grid"]
+    (q, k, v, grad), b, h, d = _inputs(shape, device), shape["batch"], shape["heads"], shape["dim_head"]
+
+    def part(n):  # leaves of their own: no slicing in the backward
+        return [x[:, :, :n].detach().clone().requires_grad_() for x in (q, k, v)] + [grad[:, :, :n]]
+
+    def timed(run, inputs):
+        def step():
+            run(*inputs[:3]).backward(inputs[3])
+            for x in inputs[:3]:
+                x.grad = None
+        return common.timeit(step, **timing)["median"] * 1e3
+
+    text = part(t)
+    image = part(grid * grid - 1)
+    text_ms = timed(lambda q_, k_, v_: F.scaled_dot_product_attention(q_, k_, v_, is_causal=True), text)
+    keys = [x.detach().requires_grad_() for x in text[1:3]]  # the image queries' text keys
+
+    def image_to_text(q_, k_, v_):
+        return F.scaled_dot_product_attention(q_, keys[0], keys[1])
+    cross_ms = timed(image_to_text, image)
+    rows = []
+    for name in ATTN_TYPES[1:]:
+        pattern = build_pattern(name, SequenceLayout(0, grid, grid))  # the image alone
+        try:
+            local_ms = timed(lambda q_, k_, v_: attend(pattern, q_, k_, v_), image)
+        except Exception:
+            print(traceback.format_exc(limit=2))
+            continue
+        ms = text_ms + cross_ms + local_ms
+        rows.append(dict(shape=f"({b}, {h}, {t + grid * grid - 1}, {d})", type=f"{name}, split",
+                         ms=ms, vs_full=ms / full_ms if full_ms else None,
+                         layout=f"text {text_ms:.3f} + image-text {cross_ms:.3f} + image {local_ms:.3f} ms"))
+        print(f"  {rows[-1]}")
     return rows
 
 
@@ -164,9 +215,11 @@ def train_step(device, spec, timing, peer: bool) -> list[dict]:
                                  lambda: _our_train_step(device, run_spec, timing, tokens, compiled=True)))
         if peer:
             rows.append(_guarded(f"peer, {label}", lambda: _peer_train_step(device, run_spec, timing, tokens)))
-    common.table(["run", "ms/step", "tokens/s", "MFU", "peak GiB"],
-                 [[r["run"], r.get("ms", "failed"), r.get("tokens_per_s", ""),
+    common.table(["run", "ms/step", "host ms", "tokens/s", "MFU", "peak GiB"],
+                 [[r["run"], r.get("ms", "failed"), r.get("host_ms", ""), r.get("tokens_per_s", ""),
                    f"{100 * r['mfu']:.1f}%" if "mfu" in r else "", r.get("peak_gib", "")] for r in rows])
+    print("host ms: the time until the step's call returned, before waiting for the device; near ms/step, "
+          "the step is bound by the host (Python, launches), not the GPU")
     for label in ("cycled", "all full"):
         ours, theirs = (next((r for r in rows if r["run"] == f"{side}, {label}" and "ms" in r), None)
                         for side in ("ours", "peer"))
@@ -188,9 +241,10 @@ def _our_train_step(device, spec, timing, tokens, compiled: bool = False) -> dic
     opt = build_optimizer(model, OptimConfig(lr=1e-4))
     text, codes = common.make_batch(spec, device=device)
     _reset_memory(device)
-    sec = common.timeit(common.train_step_fn(model, text, codes, opt, torch.bfloat16), **timing)["median"]
-    return dict(ms=sec * 1e3, tokens_per_s=tokens / sec, mfu=common.model_flops(spec) / sec / PEAK_FLOPS,
-                peak_gib=_peak_gib(device))
+    times = common.timeit(common.train_step_fn(model, text, codes, opt, torch.bfloat16), **timing)
+    sec = times["median"]
+    return dict(ms=sec * 1e3, host_ms=times["host_median"] * 1e3, tokens_per_s=tokens / sec,
+                mfu=common.model_flops(spec) / sec / PEAK_FLOPS, peak_gib=_peak_gib(device))
 
 
 def _peer_train_step(device, spec, timing, tokens) -> dict:

@@ -50,18 +50,19 @@ def prepare(root: Path, image_size: int = 128, num_layers: int = 3, num_tokens: 
     train_tokenizer(captions, root / "tok.model", 1_000)
 
 
-def train(root: Path, ranks: int, stage: int) -> dict:
-    out = root / f"run_z{stage}_r{ranks}"
+def train(root: Path, ranks: int, ds_config: str, model: list[str] = MODEL) -> list[dict]:
+    """A run on ``prepare``'s data with ``ds_configs/<ds_config>.json``; its metrics, a row per
+    logging interval."""
+    out = root / f"run_{ds_config}_r{ranks}"
     args = ["--data", str(root / "tokens"), "--tokenizer", str(root / "tok.model"), "--vae", str(root / "vae"),
-            "--out", str(out), f"train.deepspeed_config=ds_configs/zero{stage}.json", *MODEL]
+            "--out", str(out), f"train.deepspeed_config=ds_configs/{ds_config}.json", *model]
     launcher = ([sys.executable, "-m", "dalle_ds.training.train_dalle"] if ranks == 1
                 else ["bash", str(ROOT / "launch" / "torchrun.sh"), str(ranks), "train-dalle"])
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     if ranks == 1:
         env["OMP_NUM_THREADS"] = str(common.THREADS)
     subprocess.run(launcher + args, check=True, env=env, capture_output=True)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return rows[-1]  # the second interval: start-up excluded
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def main():
@@ -72,7 +73,7 @@ def main():
         rows = []
         for ranks in (1, 2):
             for stage in (0, 2, 3):
-                m = train(root, ranks, stage)
+                m = train(root, ranks, f"zero{stage}")[-1]  # the second interval: start-up excluded
                 rows.append([f"ZeRO-{stage}", ranks, f"{m['perf/tokens_per_s']:,.0f}",
                              f"{m['perf/tokens_per_s_per_device']:,.0f}", f"{100 * m['perf/mfu']:.1f}%",
                              f"{100 * m['perf/data_wait_share']:.2f}%"])

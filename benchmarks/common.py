@@ -63,18 +63,22 @@ def footer(start: dict) -> None:
 
 def timeit(fn, warmup: int = 2, repeats: int = 5) -> dict:
     """Runs ``fn`` warmup + repeats times; seconds of the timed runs, median first (on CUDA each
-    run waits for the device)."""
+    run waits for the device). ``host_median``: the time until ``fn`` returned, before that wait:
+    on CUDA, the host's share (launching, Python, syncs inside ``fn``); near ``median``, the run
+    is bound by the host, not the device."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
         fn()
     sync()
-    times = []
+    times, host = [], []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        host.append(time.perf_counter() - start)
         sync()
         times.append(time.perf_counter() - start)
-    return {"median": statistics.median(times), "min": min(times), "times": times}
+    return {"median": statistics.median(times), "min": min(times), "times": times,
+            "host_median": statistics.median(host)}
 
 
 def matmul_peak(dtype: torch.dtype, sizes=(2048, 4096)) -> float:
