@@ -3,11 +3,11 @@
 - attention alone, fwd+bwd, bf16, q/k/v (2, 16, 4352, 64) [256 text + 64x64 image] and
   (8, 16, 1280, 64) [256 text + 32x32]: each type's time against full attention's, its largest
   error against the dense reference, and the FlexAttention layout and tile fraction of each
-  sparse type (the first call compiles); and per sparse type, a lower bound on a design not
-  built, SDPA for the text keys and FlexAttention for the image keys alone (``_split_bound``);
+  sparse type (the first call compiles); and each sparse type through ``split.py`` (flash for the
+  text keys, FlexAttention for the image alone), to decide ``kernels.SPLIT_DEVICES``;
 - the train step (fwd + bwd + fused AdamW, bf16 autocast) at the 441M spec: tokens/s, MFU against
-  ``PEAK_FLOPS``, peak memory, the host's share of the step; the same with every layer full; the
-  peer on both;
+  ``PEAK_FLOPS``, peak memory, the host's share of the step; the same with compiled blocks, with
+  split attention, and with every layer full; the peer on the cycled and the full one;
 - cached generation of 8 images at the 441M spec, eagerly and replaying a CUDA graph per token:
   image tokens/s, per-token latency, the peer;
 - ``train-dalle`` itself (DeepSpeed ZeRO-2 bf16, synthetic token shards): its ``metrics.jsonl``;
@@ -91,59 +91,52 @@ def attention(device, shapes, timing) -> list[dict]:
             except Exception:  # the other types' rows still count
                 row["error"] = traceback.format_exc(limit=2)
                 print(row["error"])
-        rows += _split_bound(shape, device, timing, full)
+        rows += _split_rows(shape, device, timing, full)
     common.table(["q/k/v", "type", "ms fwd+bwd", "vs full", "max error", "tile fraction", "layout"],
                  [[r["shape"], r["type"], r.get("ms", "failed"), r.get("vs_full") or "", r.get("max_err", ""),
                    r.get("tile_fraction", ""), r.get("layout", "")] for r in rows])
     print(f"FlexAttention: {dict(flex.COUNTS)}; targets: sparse <= 0.45x of full at n = 4352, <= 1.0x at 1280")
-    print("'split' rows: the parts of a kernel that would attend to the text with SDPA and to the image with "
-          "FlexAttention, timed apart, the merge of their outputs left out: a lower bound on that design")
+    print("'split' rows: split.py, flash for the text keys and FlexAttention for the image alone "
+          "(kernels.SPLIT_DEVICES; the plain rows are one FlexAttention call)")
     return rows
 
 
-def _split_bound(shape: dict, device, timing, full_ms) -> list[dict]:
-    """A design not built: SDPA's flash kernel for every query's text keys (text queries causally,
-    image queries all of them) and FlexAttention for the image keys alone, the two merged by their
-    log-sum-exp. Its parts, timed fwd+bwd on their own, give a lower bound on its time per type."""
-    import torch.nn.functional as F
+def _split_rows(shape: dict, device, timing, full_ms) -> list[dict]:
+    """split.py's two kernels for each sparse type (flash for the text keys, FlexAttention for the
+    image alone), which ``kernels.SPLIT_DEVICES`` would choose over one FlexAttention call: fwd+bwd
+    time and largest error, as for the other rows. --smoke on CPU times the forward with eager
+    FlexAttention (CPU has neither its backward nor its compiled log-sum-exp)."""
+    from dalle_ds.attention import flex, split
+    from dalle_ds.attention.kernels import dense_reference_attention
+    from dalle_ds.attention.patterns import ATTN_TYPES, build_pattern
 
-    from dalle_ds.attention.kernels import attend
-    from dalle_ds.attention.patterns import ATTN_TYPES, SequenceLayout, build_pattern
-
-    t, grid = shape["text"] + 1, shape["grid"]
-    (q, k, v, grad), b, h, d = _inputs(shape, device), shape["batch"], shape["heads"], shape["dim_head"]
-
-    def part(n):  # leaves of their own: no slicing in the backward
-        return [x[:, :, :n].detach().clone().requires_grad_() for x in (q, k, v)] + [grad[:, :, :n]]
-
-    def timed(run, inputs):
-        def step():
-            run(*inputs[:3]).backward(inputs[3])
-            for x in inputs[:3]:
-                x.grad = None
-        return common.timeit(step, **timing)["median"] * 1e3
-
-    text = part(t)
-    image = part(grid * grid - 1)
-    text_ms = timed(lambda q_, k_, v_: F.scaled_dot_product_attention(q_, k_, v_, is_causal=True), text)
-    keys = [x.detach().requires_grad_() for x in text[1:3]]  # the image queries' text keys
-
-    def image_to_text(q_, k_, v_):
-        return F.scaled_dot_product_attention(q_, keys[0], keys[1])
-    cross_ms = timed(image_to_text, image)
+    layout, (q, k, v, grad) = _layout(shape), _inputs(shape, device)
+    n, smoke = layout.total_len - 1, device == "cpu"
     rows = []
     for name in ATTN_TYPES[1:]:
-        pattern = build_pattern(name, SequenceLayout(0, grid, grid))  # the image alone
+        row = dict(shape=f"({shape['batch']}, {shape['heads']}, {n}, {shape['dim_head']})", type=f"{name}, split")
+        rows.append(row)
         try:
-            local_ms = timed(lambda q_, k_, v_: attend(pattern, q_, k_, v_), image)
+            pattern = build_pattern(name, layout)
+            plan = flex.plan_for(pattern.image_alone(), n - layout.text_len, shape["dim_head"], q.device)
+            kernel = (lambda q_, k_, v_: plan.attend(q_, k_, v_, flex.eager_flex, return_lse=True)) if smoke else None
+
+            def run(*inputs):
+                return split.split_attention(pattern, *inputs, image_kernel=kernel)
+            row["max_err"] = _max_error(run(q.detach(), k.detach(), v.detach()), dense_reference_attention(
+                pattern, *(x.detach().float() for x in (q, k, v))))
+
+            def step():
+                if smoke:
+                    return run(q.detach(), k.detach(), v.detach())
+                run(q, k, v).backward(grad)
+                q.grad = k.grad = v.grad = None
+            row["ms"] = common.timeit(step, **timing)["median"] * 1e3
+            row.update(vs_full=row["ms"] / full_ms if full_ms else None, layout=f"image part: {plan}")
+            print(f"  {row}")
         except Exception:
-            print(traceback.format_exc(limit=2))
-            continue
-        ms = text_ms + cross_ms + local_ms
-        rows.append(dict(shape=f"({b}, {h}, {t + grid * grid - 1}, {d})", type=f"{name}, split",
-                         ms=ms, vs_full=ms / full_ms if full_ms else None,
-                         layout=f"text {text_ms:.3f} + image-text {cross_ms:.3f} + image {local_ms:.3f} ms"))
-        print(f"  {rows[-1]}")
+            row["error"] = traceback.format_exc(limit=2)
+            print(row["error"])
     return rows
 
 
@@ -210,9 +203,11 @@ def train_step(device, spec, timing, peer: bool) -> list[dict]:
     for label, attn_types in (("cycled", spec["attn_types"]), ("all full", ["full"])):
         run_spec = dict(spec, attn_types=attn_types)
         rows.append(_guarded(f"ours, {label}", lambda: _our_train_step(device, run_spec, timing, tokens)))
-        if label == "cycled":  # train.compile_blocks, to decide its default
+        if label == "cycled":  # train.compile_blocks and kernels.SPLIT_DEVICES, to decide their defaults
             rows.append(_guarded("ours, cycled, compiled blocks",
                                  lambda: _our_train_step(device, run_spec, timing, tokens, compiled=True)))
+            rows.append(_guarded("ours, cycled, split attention",
+                                 lambda: _our_train_step(device, run_spec, timing, tokens, split=True)))
         if peer:
             rows.append(_guarded(f"peer, {label}", lambda: _peer_train_step(device, run_spec, timing, tokens)))
     common.table(["run", "ms/step", "host ms", "tokens/s", "MFU", "peak GiB"],
@@ -231,7 +226,8 @@ def train_step(device, spec, timing, peer: bool) -> list[dict]:
     return rows
 
 
-def _our_train_step(device, spec, timing, tokens, compiled: bool = False) -> dict:
+def _our_train_step(device, spec, timing, tokens, compiled: bool = False, split: bool = False) -> dict:
+    from dalle_ds.attention import kernels
     from dalle_ds.training.compile import compile_blocks
     from dalle_ds.training.optim import OptimConfig, build_optimizer
 
@@ -241,7 +237,11 @@ def _our_train_step(device, spec, timing, tokens, compiled: bool = False) -> dic
     opt = build_optimizer(model, OptimConfig(lr=1e-4))
     text, codes = common.make_batch(spec, device=device)
     _reset_memory(device)
-    times = common.timeit(common.train_step_fn(model, text, codes, opt, torch.bfloat16), **timing)
+    chosen, kernels.SPLIT_DEVICES = kernels.SPLIT_DEVICES, (device,) if split else kernels.SPLIT_DEVICES
+    try:
+        times = common.timeit(common.train_step_fn(model, text, codes, opt, torch.bfloat16), **timing)
+    finally:
+        kernels.SPLIT_DEVICES = chosen
     sec = times["median"]
     return dict(ms=sec * 1e3, host_ms=times["host_median"] * 1e3, tokens_per_s=tokens / sec,
                 mfu=common.model_flops(spec) / sec / PEAK_FLOPS, peak_gib=_peak_gib(device))

@@ -1,7 +1,7 @@
 """The FlexAttention path (sparse attention on CUDA), tested on CPU: every layout it may choose
 against the dense reference, forward and gradients; the tiles it visits; the compiled forward
-through inductor's CPU backend inside the model, and how often it compiles; and what happens
-when it cannot run."""
+through inductor's CPU backend inside the model, and how often it compiles; what happens when it
+cannot run; and split.py's variant (flash for the text keys, FlexAttention for the image)."""
 
 import warnings
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_mask
 
-from dalle_ds.attention import flex, kernels
+from dalle_ds.attention import flex, kernels, split
 from dalle_ds.attention.kernels import attend, dense_reference_attention
 from dalle_ds.attention.patterns import ATTN_TYPES, SequenceLayout, build_pattern
 
@@ -27,11 +27,18 @@ def qkv(n, heads=3, dim_head=8, requires_grad=True, seed=0):
     return [torch.randn(2, heads, n, dim_head, generator=g).requires_grad_(requires_grad) for _ in range(3)]
 
 
-def dense_in_slot_order(q, k, v, block_mask):
-    """What FlexAttention computes, as dense SDPA under the block mask's own rule: differentiable
-    on CPU, so that the gathers into and out of slot order are checked with gradients too."""
+def dense_in_slot_order(q, k, v, block_mask, return_lse=False):
+    """What FlexAttention computes, as dense attention under the block mask's own rule:
+    differentiable on CPU (the log-sum-exp too), so that the gathers into and out of slot order
+    are checked with gradients."""
     m = q.shape[2]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=create_mask(block_mask.mask_mod, None, None, m, m))
+    mask = create_mask(block_mask.mask_mod, None, None, m, m)
+    if not return_lse:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    # in fp32, as FlexAttention computes: its output in the inputs' dtype, the log-sum-exp in fp32
+    scores = (q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5).masked_fill(~mask, float("-inf"))
+    lse = scores.logsumexp(-1)
+    return (torch.exp(scores - lse.unsqueeze(-1)) @ v.float()).to(q.dtype), lse
 
 
 @pytest.mark.parametrize("attn_type", SPARSE_TYPES)
@@ -152,3 +159,88 @@ def test_sparse_layer_that_cannot_use_flex_warns_once_per_cause_and_counts(monke
         warnings.simplefilter("error")  # other lengths (prompts) take the gathered path by design
         attend(pattern, *qkv(layout.text_len + 3, dim_head=16))
     assert flex.COUNTS["unfused_calls"] - before == 3
+
+
+def image_kernel_of(plan):
+    """split.py's image part through one of the image-alone pattern's layouts, differentiable on CPU."""
+    return lambda q, k, v: plan.attend(q, k, v, dense_in_slot_order, return_lse=True)
+
+
+@pytest.mark.parametrize("attn_type", SPARSE_TYPES)
+@pytest.mark.parametrize("layout", LAYOUTS[:2], ids=str)
+def test_split_attention_equals_dense_reference_forward_and_gradients(attn_type, layout):
+    """The two kernels merged by their log-sum-exps, through every layout of the image part
+    (gathered ones too), at the training length and the whole sequence."""
+    pattern = build_pattern(attn_type, layout, **OPTIONS)
+    t = layout.text_len
+    for n in (layout.total_len - 1, layout.total_len):
+        q, k, v = qkv(n)
+        ref = dense_reference_attention(pattern, q, k, v)
+        grad = torch.randn_like(ref)
+        ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+        plans = flex.candidate_plans(pattern.image_alone(), n - t, 8, "cpu")
+        assert any(plan.slots is not None for plan in plans) == (attn_type in ("axial_col", "sparse"))
+        for plan in plans:
+            out = split.split_attention(pattern, q, k, v, image_kernel_of(plan))
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+            for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), ref_grads):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_split_attention_in_bf16_follows_the_fp32_reference():
+    layout = LAYOUTS[1]
+    pattern = build_pattern("conv_like", layout, **OPTIONS)
+    n = layout.total_len - 1
+    q, k, v = (x.detach().bfloat16().requires_grad_() for x in qkv(n))
+    plan = flex.plan_for(pattern.image_alone(), n - layout.text_len, 8, "cpu")
+    out = split.split_attention(pattern, q, k, v, image_kernel_of(plan))
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    ref_inputs = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    ref = dense_reference_attention(pattern, *ref_inputs)
+    assert out.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in grads)
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+    for a, b in zip(grads, torch.autograd.grad(ref, ref_inputs, grad.float())):
+        torch.testing.assert_close(a.float(), b, atol=3e-2, rtol=3e-2)
+
+
+def test_dalle_runs_split_attention_where_configured(monkeypatch):
+    """kernels.SPLIT_DEVICES sends the training length's sparse layers through split.py (its
+    default image kernel, FlexAttention, uncompiled here: compiled, it returns no log-sum-exp on
+    CPU); the logits equal the CPU kernel's."""
+    calls = []
+    original = split.split_attention
+    monkeypatch.setattr(split, "split_attention", lambda *args: calls.append(args[0].name) or original(*args))
+    monkeypatch.setattr(flex, "compiled_flex", flex.eager_flex)
+    vae = tiny_vae(image_size=32)
+    model = tiny_dalle(vae, attn_types=ATTN_TYPES, depth=len(ATTN_TYPES), dim_head=16).eval()
+    text, codes = torch.randint(1, 50, (2, 6)), torch.randint(0, vae.num_tokens, (2, 64))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()"
+        reference = model(text, codes)
+        monkeypatch.setattr(kernels, "FLEX_DEVICES", ("cpu",))
+        monkeypatch.setattr(kernels, "SPLIT_DEVICES", ("cpu",))
+        split_logits = model(text, codes)
+    assert calls == SPARSE_TYPES
+    torch.testing.assert_close(split_logits, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_split_attention_without_image_positions_is_an_error():
+    layout = LAYOUTS[0]
+    with pytest.raises(ValueError, match="needs image positions"):
+        split.split_attention(build_pattern("axial_row", layout), *qkv(layout.text_len))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA flash kernel and FlexAttention's backward")
+@pytest.mark.parametrize("attn_type", SPARSE_TYPES)
+def test_split_attention_on_cuda_equals_dense_reference_forward_and_gradients(attn_type):
+    layout = LAYOUTS[2]
+    pattern = build_pattern(attn_type, layout, **OPTIONS)
+    n = layout.total_len - 1
+    q, k, v = (x.detach().to("cuda", torch.bfloat16).requires_grad_() for x in qkv(n, dim_head=64))
+    ref_inputs = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    out, ref = split.split_attention(pattern, q, k, v), dense_reference_attention(pattern, *ref_inputs)
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+    grad = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad.bfloat16()), torch.autograd.grad(ref, ref_inputs, grad)):
+        torch.testing.assert_close(a.float(), b, atol=3e-2, rtol=3e-2)

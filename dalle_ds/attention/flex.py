@@ -77,19 +77,22 @@ class FlexPlan:
     def __str__(self) -> str:
         return f"{'pattern' if self.reordered else 'raster'} order, text padding {self.text_padding}"
 
-    def attend(self, q, k, v, kernel=None):
-        """q, k, v: (b, h, n, d) -> (b, h, n, d). ``kernel(q, k, v, block_mask)`` attends in slot
-        order, (b*h, 1, m, d); by default the compiled flex_attention."""
+    def attend(self, q, k, v, kernel=None, return_lse: bool = False):
+        """q, k, v: (b, h, n, d) -> (b, h, n, d), and with ``return_lse`` each query's log-sum-exp
+        of its scores, (b, h, n) fp32, differentiable. ``kernel(q, k, v, block_mask, return_lse)``
+        attends in slot order, (b*h, 1, m, d); by default the compiled flex_attention."""
         b, h = q.shape[:2]
         if self.gather is not None:
             q, k, v = (_SlotGather.apply(x, self.gather, self.inverse) for x in (q, k, v))
         # Heads into the batch (see above), contiguous: dynamo guards on strides, and q, k, v are
         # strided views of one projection (gathered ones are contiguous already).
         q, k, v = (x.flatten(0, 1).contiguous().unsqueeze(1) for x in (q, k, v))
-        out = (kernel or compiled_flex)(q, k, v, self.block_mask)
+        outputs = (kernel or compiled_flex)(q, k, v, self.block_mask, return_lse)
+        outputs = outputs if return_lse else (outputs,)  # out (b*h, 1, m, d), lse (b*h, 1, m)
         if self.inverse is not None:
-            out = _SlotGather.apply(out, self.inverse, self.gather)
-        return out.view(b, h, *out.shape[2:])
+            outputs = [_SlotGather.apply(x, self.inverse, self.gather) for x in outputs]
+        outputs = [x.view(b, h, *x.shape[2:]) for x in outputs]
+        return tuple(outputs) if return_lse else outputs[0]
 
 
 class _SlotGather(torch.autograd.Function):
@@ -209,10 +212,11 @@ def _counting_inductor(graph, example_inputs):
 _compiled = torch.compile(_flex.flex_attention, backend=_counting_inductor, dynamic=None, fullgraph=True)
 
 
-def compiled_flex(q, k, v, block_mask):
-    """flex_attention, compiled once (see the module's docstring); q, k, v: (b*h, 1, m, d)."""
+def compiled_flex(q, k, v, block_mask, return_lse: bool = False):
+    """flex_attention, compiled once (see the module's docstring); q, k, v: (b*h, 1, m, d).
+    ``return_lse``: (out, log-sum-exp) instead of out."""
     if torch.compiler.is_compiling():  # traced into a caller's compiled region: fused there
-        return _flex.flex_attention(q, k, v, block_mask=block_mask)
+        return eager_flex(q, k, v, block_mask, return_lse)
     for x in (q, k, v):
         torch._dynamo.maybe_mark_dynamic(x, 0)
         torch._dynamo.mark_static(x, 2)  # a second length is another model: never a dynamic one
@@ -223,7 +227,7 @@ def compiled_flex(q, k, v, block_mask):
         # block mask's sizes dynamic, as maybe_mark_dynamic does the batch on purpose).
         patch = {limit: RECOMPILE_LIMIT, fail: True, "suppress_errors": False, "automatic_dynamic_shapes": False}
         with torch._dynamo.config.patch(patch):
-            return _compiled(q, k, v, block_mask=block_mask)
+            return _lse_pair(_compiled(q, k, v, block_mask=block_mask, **_aux(return_lse)))
     except limit_hit as e:
         raise RuntimeError(
             f"FlexAttention was compiled {RECOMPILE_LIMIT} times in this process (dalle_ds.attention.flex."
@@ -239,9 +243,20 @@ def recompile_limit_names():
     return "cache_size_limit", "fail_on_cache_limit_hit", torch._dynamo.exc.FailOnCacheLimitHit
 
 
-def eager_flex(q, k, v, block_mask):
-    """flex_attention uncompiled: it materialises the scores, for tests of the mask only."""
-    return _flex.flex_attention(q, k, v, block_mask=block_mask)
+def eager_flex(q, k, v, block_mask, return_lse: bool = False):
+    """flex_attention called as it is: traced into a compiled region, fused there; elsewhere it
+    materialises the scores (tests of the mask and of the log-sum-exp use it so)."""
+    return _lse_pair(_flex.flex_attention(q, k, v, block_mask=block_mask, **_aux(return_lse)))
+
+
+def _aux(return_lse: bool) -> dict:
+    """flex_attention's keywords for the log-sum-exp (none without: the call stays as it was)."""
+    return {"return_aux": _flex.AuxRequest(lse=True)} if return_lse else {}
+
+
+def _lse_pair(result):
+    """flex_attention's (out, aux) as (out, lse); a lone out as it is."""
+    return (result[0], result[1].lse) if isinstance(result, tuple) else result
 
 
 def note_unfused(cause: str) -> None:

@@ -8,8 +8,9 @@ Paths, chosen automatically by ``attend``:
 - full pattern: fused causal SDPA (flash kernel on CPU and CUDA), except on CPU up to
   ``FULL_KERNEL_MAX_LEN`` positions, where the fused C++ kernel (``native.py``) runs it faster;
 - sparse pattern, CUDA, training length, no dropout, head dim >= 16: FlexAttention with a block
-  mask, compiled (``flex.py``); a training-length call on CUDA that cannot take it is counted and
-  warned about once per cause;
+  mask, compiled (``flex.py``), or where ``SPLIT_DEVICES`` names the device, the flash kernel for
+  the text keys and FlexAttention for the image alone (``split.py``); a training-length call on
+  CUDA that cannot take either is counted and warned about once per cause;
 - sparse pattern otherwise (CPU; on CUDA: prompts of other lengths, dropout, small heads):
   ``gathered_attention``, whose cost follows density: the fused C++ CPU kernel (``native.py``)
   where it can run, else batched matmuls (any device);
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from . import flex, native
+from . import flex, native, split
 from .patterns import AttentionPattern
 
 # Full attention runs the fused CPU kernel (blockwise: FullPattern.groups) up to this many positions:
@@ -33,6 +34,10 @@ FULL_KERNEL_MAX_LEN = 1536
 # Devices where a sparse layer at the training length runs FlexAttention (``flex.py``). CPU has
 # no FlexAttention backward; the tests add it to run the compiled forward there.
 FLEX_DEVICES = ("cuda",)
+# Of those, devices where it runs as ``split.py``'s two kernels (flash for the text keys,
+# FlexAttention for the image alone) instead of one FlexAttention call: none until a GPU has
+# measured it faster (benchmarks/bench_gpu.py times both).
+SPLIT_DEVICES: tuple[str, ...] = ()
 # The batched path splits big buckets into chunks of at most this many scores per head. Smaller
 # temporaries are reused by the allocator instead of being mapped afresh (page faults) on every
 # call, and a chunk's scores stay nearer the cache: 2**15 measured best (benchmarks/bench_attention.py).
@@ -338,6 +343,8 @@ def attend(pattern: AttentionPattern, q, k, v, *, start: int = 0, dropout_p: flo
     if q.device.type in FLEX_DEVICES and q.shape[2] == pattern.layout.total_len - 1:
         cause = _flex_unusable(q, dropout_p)
         if cause is None:
+            if q.device.type in SPLIT_DEVICES and split.usable(q):
+                return split.split_attention(pattern, q, k, v)
             return flex.pattern_attention(pattern, q, k, v)
         flex.note_unfused(cause)
     return gathered_attention(pattern, q, k, v, dropout_p)

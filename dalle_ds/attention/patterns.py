@@ -20,6 +20,7 @@ sum(|queries| x (text_len + |shared| + |group keys|)) over groups: it follows th
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -94,6 +95,14 @@ class AttentionPattern:
         """Buckets of query groups that cover the rule. Every image query appears exactly once
         over all buckets."""
         raise NotImplementedError(f"{self.name} attention has no key groups")
+
+    def image_alone(self) -> "AttentionPattern":
+        """The same rule over the image alone, no text before it (split.py's image part)."""
+        def build():
+            alone = copy.copy(self)
+            alone.layout, alone._derived = SequenceLayout(0, self.layout.grid_h, self.layout.grid_w), {}
+            return alone
+        return self.derived(("image_alone",), build)
 
     def flex_order(self) -> torch.Tensor | None:
         """Image indices in the order FlexAttention should lay them out, so that the pairs the

@@ -1,0 +1,134 @@
+"""Sparse attention in two kernels: SDPA's flash kernel for the text keys, a sparse kernel
+(FlexAttention) for the image keys alone, merged by their log-sum-exps.
+
+einops legend: b batch, h heads, n sequence (t text, then m image positions), d head dim.
+
+**Why.** Every image query sees the whole text, so in one FlexAttention call (``flex.py``) the
+text keys fill a large share of the tiles each sparse pattern visits, at FlexAttention's price per
+tile (on an H200 about twice the flash kernel's). Here the flash kernel scores them, every image
+query against the text unmasked, its best case, and FlexAttention visits only the image's own
+tiles (``AttentionPattern.image_alone``). Not measured on a GPU yet: ``kernels.SPLIT_DEVICES`` is
+empty until ``benchmarks/bench_gpu.py`` (which times both) shows it faster.
+
+**Exact.** Text queries attend causally to the text (flash, causal). An image query's softmax over
+the text (o1, lse1) and over its image keys (o2, lse2) merge into O = w1 o1 + w2 o2, with
+w_i = exp(lse_i - L) and L = logaddexp(lse1, lse2). The backward is ring attention's: flash's
+backward given the merged O and L is the merged softmax's gradient over its own keys; the image
+part is differentiated through (o2, lse2) by autograd, with the merge's gradients w2 dO for o2 and
+w2 (rowsum(dO o2) - rowsum(dO O)) for lse2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import flex
+from .patterns import AttentionPattern
+
+# image_kernel(q, k, v) -> (out, lse): attention over the image alone, (b, h, m, d) and (b, h, m)
+# fp32, differentiable through both
+ImageKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)  # what the CUDA flash kernel takes
+
+
+def usable(q: torch.Tensor) -> bool:
+    """Whether the flash kernel takes these inputs: any float dtype on CPU; on CUDA half
+    precision and a head dim that is a multiple of 8, at most 256."""
+    d = q.shape[-1]
+    return q.device.type == "cpu" or (q.dtype in _FLASH_DTYPES and d % 8 == 0 and d <= 256)
+
+
+def split_attention(pattern: AttentionPattern, q, k, v, image_kernel: ImageKernel | None = None):
+    """Pattern attention of q, k, v (b, h, n, d), n past the text -> (b, h, n, d). ``image_kernel``:
+    by default FlexAttention under ``pattern.image_alone()``."""
+    t, n = pattern.layout.text_len, q.shape[2]
+    if not t < n <= pattern.layout.total_len:
+        raise ValueError(f"split attention needs image positions: {n} positions for a text of {t} and "
+                         f"{pattern.layout.total_len} in all")
+    return _SplitAttention.apply(q, k, v, t, image_kernel or partial(_flex_image, pattern.image_alone()))
+
+
+def _flex_image(pattern: AttentionPattern, q, k, v):
+    return flex.plan_for(pattern, q.shape[2], q.shape[3], q.device).attend(q, k, v, return_lse=True)
+
+
+class _SplitAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, t: int, image_kernel: ImageKernel):
+        # contiguous halves: the flash kernels' inputs (and ring attention found strided k, v unsafe)
+        (q_t, q_i), (k_t, k_i), (v_t, v_i) = ((x[:, :, :t].contiguous(), x[:, :, t:].contiguous()) for x in (q, k, v))
+        with torch.autocast(q.device.type, enabled=False):
+            text, cross = _flash(q_t, k_t, v_t, causal=True), _flash(q_i, k_t, v_t, causal=False)
+            needed = any(ctx.needs_input_grad[:3])
+            with torch.set_grad_enabled(needed):  # the image part's graph, for the backward
+                image_inputs = [x.detach().requires_grad_(needed) for x in (q_i, k_i, v_i)]
+                o2, lse2 = image_kernel(*image_inputs)
+            lse = torch.logaddexp(cross.lse, lse2.detach())
+            w1, w2 = (torch.exp(part - lse).unsqueeze(-1) for part in (cross.lse, lse2.detach()))
+            out_i = (w1 * cross.out + w2 * o2.detach()).to(q.dtype)
+        cross.out, cross.lse = out_i, lse  # its backward takes the merged softmax's
+        ctx.text, ctx.cross, ctx.image = text, cross, (image_inputs, o2, lse2)
+        return torch.cat([text.out, out_i], dim=2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        t = ctx.text.q.shape[2]
+        grad_t, grad_i = grad[:, :, :t].contiguous(), grad[:, :, t:].contiguous()
+        image_inputs, o2, lse2 = ctx.image
+        with torch.autocast(grad.device.type, enabled=False):
+            dq_t, dk_t, dv_t = _flash_backward(ctx.text, grad_t)
+            dq_i, dk_cross, dv_cross = _flash_backward(ctx.cross, grad_i)
+            delta = _rowdot(grad_i, ctx.cross.out)  # rowsum(dO O)
+            w2 = torch.exp(lse2.detach() - ctx.cross.lse)
+            d_o2 = (w2.unsqueeze(-1) * grad_i).to(o2.dtype)
+            d_lse2 = w2 * (_rowdot(grad_i, o2.detach()) - delta)
+            dq_ii, dk_ii, dv_ii = torch.autograd.grad([o2, lse2], image_inputs, [d_o2, d_lse2])
+        ctx.text = ctx.cross = ctx.image = None
+        return (torch.cat([dq_t, dq_i + dq_ii], dim=2), torch.cat([dk_t + dk_cross, dk_ii], dim=2),
+                torch.cat([dv_t + dv_cross, dv_ii], dim=2), None, None)
+
+
+def _rowdot(a, b) -> torch.Tensor:
+    """Per-row dot product over the head dim, in fp32: (b, h, m, d) x2 -> (b, h, m)."""
+    return torch.linalg.vecdot(a.float(), b.float())
+
+
+@dataclass
+class _FlashCall:
+    """One call of the flash kernel, what its backward needs: the inputs, the output and
+    log-sum-exp (b, h, L) it returned, and (CUDA) its sequence bookkeeping and RNG state."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    causal: bool
+    out: torch.Tensor
+    lse: torch.Tensor
+    state: tuple
+
+
+def _flash(q, k, v, causal: bool) -> _FlashCall:
+    """Flash attention with its log-sum-exp. ``causal`` aligns the query and key sequences at
+    their starts (only used with equal lengths here)."""
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
+        return _FlashCall(q, k, v, causal, out, lse, ())
+    # out, lse, cum_seq_q, cum_seq_k, max_q, max_k, philox seed and offset, debug mask
+    out, lse, *state, _ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False)
+    return _FlashCall(q, k, v, causal, out, lse, tuple(state))
+
+
+def _flash_backward(call: _FlashCall, grad):
+    """(dq, dk, dv) of ``call`` for the output gradient ``grad``, given its ``out`` and ``lse``."""
+    if grad.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad, call.q, call.k, call.v, call.out, call.lse, 0.0, call.causal)
+    cum_q, cum_k, max_q, max_k, seed, offset = call.state
+    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        grad, call.q, call.k, call.v, call.out, call.lse, cum_q, cum_k, max_q, max_k, 0.0, call.causal, seed, offset)
