@@ -37,10 +37,14 @@ _FLASH_DTYPES = (torch.float16, torch.bfloat16)  # what the CUDA flash kernel ta
 
 
 def usable(q: torch.Tensor) -> bool:
-    """Whether the flash kernel takes these inputs: any float dtype on CPU; on CUDA half
-    precision and a head dim that is a multiple of 8, at most 256."""
+    """Whether the flash kernel takes these inputs: any float dtype on CPU; on CUDA a build with
+    it, an Ampere or newer GPU, half precision and a head dim that is a multiple of 8, at most 256."""
+    if q.device.type == "cpu":
+        return True
     d = q.shape[-1]
-    return q.device.type == "cpu" or (q.dtype in _FLASH_DTYPES and d % 8 == 0 and d <= 256)
+    return (q.device.type == "cuda" and torch.backends.cuda.is_flash_attention_available()
+            and torch.cuda.get_device_capability(q.device) >= (8, 0)
+            and q.dtype in _FLASH_DTYPES and d % 8 == 0 and d <= 256)
 
 
 def split_attention(pattern: AttentionPattern, q, k, v, image_kernel: ImageKernel | None = None):
@@ -50,7 +54,8 @@ def split_attention(pattern: AttentionPattern, q, k, v, image_kernel: ImageKerne
     if not t < n <= pattern.layout.total_len:
         raise ValueError(f"split attention needs image positions: {n} positions for a text of {t} and "
                          f"{pattern.layout.total_len} in all")
-    return _SplitAttention.apply(q, k, v, t, image_kernel or partial(_flex_image, pattern.image_alone()))
+    graph = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))  # a backward to come
+    return _SplitAttention.apply(q, k, v, t, image_kernel or partial(_flex_image, pattern.image_alone()), graph)
 
 
 def _flex_image(pattern: AttentionPattern, q, k, v):
@@ -59,39 +64,48 @@ def _flex_image(pattern: AttentionPattern, q, k, v):
 
 class _SplitAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, t: int, image_kernel: ImageKernel):
+    def forward(ctx, q, k, v, t: int, image_kernel: ImageKernel, graph: bool):
         # contiguous halves: the flash kernels' inputs (and ring attention found strided k, v unsafe)
         (q_t, q_i), (k_t, k_i), (v_t, v_i) = ((x[:, :, :t].contiguous(), x[:, :, t:].contiguous()) for x in (q, k, v))
+        result = q.new_empty(q.shape)
         with torch.autocast(q.device.type, enabled=False):
-            text, cross = _flash(q_t, k_t, v_t, causal=True), _flash(q_i, k_t, v_t, causal=False)
-            needed = any(ctx.needs_input_grad[:3])
-            with torch.set_grad_enabled(needed):  # the image part's graph, for the backward
-                image_inputs = [x.detach().requires_grad_(needed) for x in (q_i, k_i, v_i)]
+            (text_out, text), (cross_out, cross) = _flash(q_t, k_t, v_t, True), _flash(q_i, k_t, v_t, False)
+            with torch.set_grad_enabled(graph):  # the image part's graph, for the backward
+                image_inputs = [x.detach().requires_grad_(graph) for x in (q_i, k_i, v_i)]
                 o2, lse2 = image_kernel(*image_inputs)
-            lse = torch.logaddexp(cross.lse, lse2.detach())
+            lse = torch.logaddexp(cross.lse, lse2.detach()).contiguous()  # flash's backward reads it raw
             w1, w2 = (torch.exp(part - lse).unsqueeze(-1) for part in (cross.lse, lse2.detach()))
-            out_i = (w1 * cross.out + w2 * o2.detach()).to(q.dtype)
-        cross.out, cross.lse = out_i, lse  # its backward takes the merged softmax's
+            result[:, :, :t] = text_out
+            result[:, :, t:] = w1 * cross_out + w2 * o2.detach()
+        cross.lse = lse  # the image queries' backward takes the merged softmax's, as their output
+        ctx.save_for_backward(result)
         ctx.text, ctx.cross, ctx.image = text, cross, (image_inputs, o2, lse2)
-        return torch.cat([text.out, out_i], dim=2)
+        return result
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         t = ctx.text.q.shape[2]
+        (result,) = ctx.saved_tensors
+        out_t, out_i = result[:, :, :t], result[:, :, t:]
         grad_t, grad_i = grad[:, :, :t].contiguous(), grad[:, :, t:].contiguous()
         image_inputs, o2, lse2 = ctx.image
         with torch.autocast(grad.device.type, enabled=False):
-            dq_t, dk_t, dv_t = _flash_backward(ctx.text, grad_t)
-            dq_i, dk_cross, dv_cross = _flash_backward(ctx.cross, grad_i)
-            delta = _rowdot(grad_i, ctx.cross.out)  # rowsum(dO O)
+            dq_t, dk_t, dv_t = _flash_backward(ctx.text, grad_t, out_t)
+            dq_i, dk_cross, dv_cross = _flash_backward(ctx.cross, grad_i, out_i)
             w2 = torch.exp(lse2.detach() - ctx.cross.lse)
             d_o2 = (w2.unsqueeze(-1) * grad_i).to(o2.dtype)
-            d_lse2 = w2 * (_rowdot(grad_i, o2.detach()) - delta)
+            # rowsum(d_o2 o2) of the rounded d_o2 that the image kernel's backward sees, less w2 rowsum(dO O)
+            d_lse2 = _rowdot(d_o2, o2.detach()) - w2 * _rowdot(grad_i, out_i)
             dq_ii, dk_ii, dv_ii = torch.autograd.grad([o2, lse2], image_inputs, [d_o2, d_lse2])
         ctx.text = ctx.cross = ctx.image = None
-        return (torch.cat([dq_t, dq_i + dq_ii], dim=2), torch.cat([dk_t + dk_cross, dk_ii], dim=2),
-                torch.cat([dv_t + dv_cross, dv_ii], dim=2), None, None)
+        return (torch.cat([dq_t, _added(dq_i, dq_ii)], dim=2), torch.cat([_added(dk_t, dk_cross), dk_ii], dim=2),
+                torch.cat([_added(dv_t, dv_cross), dv_ii], dim=2), None, None, None)
+
+
+def _added(a, b) -> torch.Tensor:
+    """Two gradients of one tensor, added in fp32 at least."""
+    return torch.add(a.float(), b.float()).to(a.dtype)
 
 
 def _rowdot(a, b) -> torch.Tensor:
@@ -101,34 +115,34 @@ def _rowdot(a, b) -> torch.Tensor:
 
 @dataclass
 class _FlashCall:
-    """One call of the flash kernel, what its backward needs: the inputs, the output and
-    log-sum-exp (b, h, L) it returned, and (CUDA) its sequence bookkeeping and RNG state."""
+    """One call of the flash kernel, what its backward needs besides the output: the inputs, the
+    log-sum-exp (b, h, L) fp32 it returned, and (CUDA) its sequence bookkeeping and RNG state."""
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
     causal: bool
-    out: torch.Tensor
     lse: torch.Tensor
     state: tuple
 
 
-def _flash(q, k, v, causal: bool) -> _FlashCall:
-    """Flash attention with its log-sum-exp. ``causal`` aligns the query and key sequences at
-    their starts (only used with equal lengths here)."""
+def _flash(q, k, v, causal: bool) -> tuple[torch.Tensor, _FlashCall]:
+    """Flash attention: its output, and the call for its backward. ``causal`` aligns the query
+    and key sequences at their starts (only used with equal lengths here)."""
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
-        return _FlashCall(q, k, v, causal, out, lse, ())
+        return out, _FlashCall(q, k, v, causal, lse, ())
     # out, lse, cum_seq_q, cum_seq_k, max_q, max_k, philox seed and offset, debug mask
     out, lse, *state, _ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False)
-    return _FlashCall(q, k, v, causal, out, lse, tuple(state))
+    return out, _FlashCall(q, k, v, causal, lse, tuple(state))
 
 
-def _flash_backward(call: _FlashCall, grad):
-    """(dq, dk, dv) of ``call`` for the output gradient ``grad``, given its ``out`` and ``lse``."""
+def _flash_backward(call: _FlashCall, grad, out):
+    """(dq, dk, dv) of ``call`` for the output gradient ``grad``, given the output ``out`` (and
+    the call's ``lse``) that the softmax's gradient is taken for."""
     if grad.device.type == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad, call.q, call.k, call.v, call.out, call.lse, 0.0, call.causal)
+            grad, call.q, call.k, call.v, out, call.lse, 0.0, call.causal)
     cum_q, cum_k, max_q, max_k, seed, offset = call.state
     return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        grad, call.q, call.k, call.v, call.out, call.lse, cum_q, cum_k, max_q, max_k, 0.0, call.causal, seed, offset)
+        grad, call.q, call.k, call.v, out, call.lse, cum_q, cum_k, max_q, max_k, 0.0, call.causal, seed, offset)
