@@ -31,6 +31,7 @@ run to fit a device's time limit, and ``--no-peer`` drops the peer's rows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -60,38 +62,37 @@ EXTRA_SECTIONS = ("layouts",)  # run only when named: minutes of compiles
 
 
 def attention(device, shapes, timing) -> list[dict]:
-    """Each type's fwd+bwd time, and its largest error against the dense reference (bf16 against fp32)."""
-    from dalle_ds.attention import flex
-    from dalle_ds.attention.kernels import attend, dense_reference_attention
+    """Each type's fwd+bwd time, and its largest error against the dense reference (bf16 against
+    fp32); then each sparse type through ``split.py`` (flash for the text keys, FlexAttention for
+    the image alone), to decide ``kernels.SPLIT_DEVICES``. --smoke on CPU times the split rows'
+    forward only, with eager FlexAttention (CPU has neither its backward nor its compiled
+    log-sum-exp)."""
+    from dalle_ds.attention import flex, split
+    from dalle_ds.attention.kernels import attend
     from dalle_ds.attention.patterns import ATTN_TYPES, build_pattern
 
-    rows = []
+    rows, smoke = [], device == "cpu"
     for shape in shapes:
         layout, (q, k, v, grad) = _layout(shape), _inputs(shape, device)
         n = layout.total_len - 1
+        label = f"({shape['batch']}, {shape['heads']}, {n}, {shape['dim_head']})"
         full = None
         for name in ATTN_TYPES:
-            row = dict(shape=f"({shape['batch']}, {shape['heads']}, {n}, {shape['dim_head']})", type=name)
-            rows.append(row)
-            try:
-                pattern = build_pattern(name, layout)
-                row["max_err"] = _max_error(attend(pattern, q, k, v), dense_reference_attention(
-                    pattern, *(x.detach().float() for x in (q, k, v))))
-
-                def step():
-                    attend(pattern, q, k, v).backward(grad)
-                    q.grad = k.grad = v.grad = None
-                row["ms"] = common.timeit(step, **timing)["median"] * 1e3
-                full = row["ms"] if name == "full" else full
-                row["vs_full"] = row["ms"] / full if full else None
-                if pattern.sparse:  # the plan attend used on CUDA (built here on CPU, for --smoke)
-                    plan = flex.plan_for(pattern, n, shape["dim_head"], q.device)
-                    row.update(tile_fraction=plan.tile_fraction, layout=str(plan))
-                print(f"  {row}")  # as it comes: a run cut short keeps what it measured
-            except Exception:  # the other types' rows still count
-                row["error"] = traceback.format_exc(limit=2)
-                print(row["error"])
-        rows += _split_rows(shape, device, timing, full)
+            pattern, row = build_pattern(name, layout), dict(shape=label, type=name)
+            if pattern.sparse:  # the plan attend uses on CUDA (built here on CPU, for --smoke)
+                plan = flex.plan_for(pattern, n, shape["dim_head"], q.device)
+                row.update(tile_fraction=plan.tile_fraction, layout=str(plan))
+            rows.append(_attention_row(row, pattern, partial(attend, pattern), (q, k, v, grad), timing, full))
+            if name == "full" and "ms" in row:
+                full, row["vs_full"] = row["ms"], 1.0
+        for name in ATTN_TYPES[1:]:
+            pattern = build_pattern(name, layout)
+            alone = pattern.image_alone()
+            row = dict(shape=label, type=f"{name}, split",
+                       layout=f"image part: {flex.plan_for(alone, n - layout.text_len, shape['dim_head'], q.device)}")
+            kernel = split.flex_image(alone, flex.eager_flex if smoke else None)
+            run = partial(split.split_attention, pattern, image_kernel=kernel)
+            rows.append(_attention_row(row, pattern, run, (q, k, v, grad), timing, full, forward_only=smoke))
     common.table(["q/k/v", "type", "ms fwd+bwd", "vs full", "max error", "tile fraction", "layout"],
                  [[r["shape"], r["type"], r.get("ms", "failed"), r.get("vs_full") or "", r.get("max_err", ""),
                    r.get("tile_fraction", ""), r.get("layout", "")] for r in rows])
@@ -101,44 +102,29 @@ def attention(device, shapes, timing) -> list[dict]:
     return rows
 
 
-def _split_rows(shape: dict, device, timing, full_ms) -> list[dict]:
-    """split.py's two kernels for each sparse type (flash for the text keys, FlexAttention for the
-    image alone), which ``kernels.SPLIT_DEVICES`` would choose over one FlexAttention call: fwd+bwd
-    time and largest error, as for the other rows. --smoke on CPU times the forward with eager
-    FlexAttention (CPU has neither its backward nor its compiled log-sum-exp)."""
-    from dalle_ds.attention import flex, split
+def _attention_row(row: dict, pattern, run, inputs, timing, full_ms, forward_only: bool = False) -> dict:
+    """``row`` with ``run(q, k, v)``'s largest error against the dense reference, its fwd+bwd time
+    and that time against ``full_ms``, printed as it comes (a run cut short keeps what it
+    measured); an error is recorded in the row, and the other rows still count."""
     from dalle_ds.attention.kernels import dense_reference_attention
-    from dalle_ds.attention.patterns import ATTN_TYPES, build_pattern
 
-    layout, (q, k, v, grad) = _layout(shape), _inputs(shape, device)
-    n, smoke = layout.total_len - 1, device == "cpu"
-    rows = []
-    for name in ATTN_TYPES[1:]:
-        row = dict(shape=f"({shape['batch']}, {shape['heads']}, {n}, {shape['dim_head']})", type=f"{name}, split")
-        rows.append(row)
-        try:
-            pattern = build_pattern(name, layout)
-            plan = flex.plan_for(pattern.image_alone(), n - layout.text_len, shape["dim_head"], q.device)
-            kernel = (lambda q_, k_, v_: plan.attend(q_, k_, v_, flex.eager_flex, return_lse=True)) if smoke else None
+    q, k, v, grad = inputs
+    args = [x.detach() for x in (q, k, v)] if forward_only else (q, k, v)  # in grad mode: one compile
+    try:
+        row["max_err"] = _max_error(run(*args), dense_reference_attention(pattern, *(x.detach().float() for x in args)))
 
-            inputs = [x.detach() for x in (q, k, v)] if smoke else (q, k, v)  # grad mode: one compile
-
-            def run():
-                return split.split_attention(pattern, *inputs, image_kernel=kernel)
-            row["max_err"] = _max_error(run(), dense_reference_attention(pattern, *(x.detach().float() for x in (q, k, v))))
-
-            def step():
-                out = run()
-                if not smoke:
-                    out.backward(grad)
-                    q.grad = k.grad = v.grad = None
-            row["ms"] = common.timeit(step, **timing)["median"] * 1e3
-            row.update(vs_full=row["ms"] / full_ms if full_ms else None, layout=f"image part: {plan}")
-            print(f"  {row}")
-        except Exception:
-            row["error"] = traceback.format_exc(limit=2)
-            print(row["error"])
-    return rows
+        def step():
+            out = run(*args)
+            if not forward_only:
+                out.backward(grad)
+                q.grad = k.grad = v.grad = None
+        row["ms"] = common.timeit(step, **timing)["median"] * 1e3
+        row["vs_full"] = row["ms"] / full_ms if full_ms else None
+        print(f"  {row}")
+    except Exception:
+        row["error"] = traceback.format_exc(limit=2)
+        print(row["error"])
+    return row
 
 
 def layouts(device, shapes, timing) -> list[dict]:
@@ -214,8 +200,9 @@ def train_step(device, spec, timing, peer: bool) -> list[dict]:
     common.table(["run", "ms/step", "host ms", "tokens/s", "MFU", "peak GiB"],
                  [[r["run"], r.get("ms", "failed"), r.get("host_ms", ""), r.get("tokens_per_s", ""),
                    f"{100 * r['mfu']:.1f}%" if "mfu" in r else "", r.get("peak_gib", "")] for r in rows])
-    print("host ms: the time until the step's call returned, before waiting for the device; near ms/step, "
-          "the step is bound by the host (Python, launches), not the GPU")
+    print("host ms: the time until the step's call returned, before waiting for the device. Well below ms/step, "
+          "the device is the bottleneck; near it proves nothing (a full launch queue blocks the host too): the "
+          "profile section's wall against kernel time says more")
     for label in ("cycled", "all full"):
         ours, theirs = (next((r for r in rows if r["run"] == f"{side}, {label}" and "ms" in r), None)
                         for side in ("ours", "peer"))
@@ -228,7 +215,6 @@ def train_step(device, spec, timing, peer: bool) -> list[dict]:
 
 
 def _our_train_step(device, spec, timing, tokens, compiled: bool = False, split: bool = False) -> dict:
-    from dalle_ds.attention import kernels
     from dalle_ds.training.compile import compile_blocks
     from dalle_ds.training.optim import OptimConfig, build_optimizer
 
@@ -238,14 +224,26 @@ def _our_train_step(device, spec, timing, tokens, compiled: bool = False, split:
     opt = build_optimizer(model, OptimConfig(lr=1e-4))
     text, codes = common.make_batch(spec, device=device)
     _reset_memory(device)
-    chosen, kernels.SPLIT_DEVICES = kernels.SPLIT_DEVICES, (device,) if split else kernels.SPLIT_DEVICES
-    try:
+    with _split_attention(device, spec) if split else contextlib.nullcontext():
         times = common.timeit(common.train_step_fn(model, text, codes, opt, torch.bfloat16), **timing)
-    finally:
-        kernels.SPLIT_DEVICES = chosen
     sec = times["median"]
     return dict(ms=sec * 1e3, host_ms=times["host_median"] * 1e3, tokens_per_s=tokens / sec,
                 mfu=common.model_flops(spec) / sec / PEAK_FLOPS, peak_gib=_peak_gib(device))
+
+
+@contextlib.contextmanager
+def _split_attention(device, spec):
+    """kernels.SPLIT_DEVICES set to ``device`` while inside; an error where the flash kernel cannot
+    run (the row would time one FlexAttention call under the split's name)."""
+    from dalle_ds.attention import kernels, split
+
+    if device == "cuda" and not split.usable(torch.empty(1, 1, 1, spec["dim_head"], device=device, dtype=torch.bfloat16)):
+        raise RuntimeError("flash attention cannot run here (build, GPU or head dim): no split attention to time")
+    chosen, kernels.SPLIT_DEVICES = kernels.SPLIT_DEVICES, (device,)
+    try:
+        yield
+    finally:
+        kernels.SPLIT_DEVICES = chosen
 
 
 def _peer_train_step(device, spec, timing, tokens) -> dict:
@@ -308,7 +306,7 @@ def generation(device, spec, timing, peer: bool) -> list[dict]:
 
 def train_dalle(device, spec, smoke: bool) -> dict:
     """A real train-dalle run (one process, DeepSpeed ZeRO-2 bf16) on synthetic token shards."""
-    from bench_train_dalle import prepare
+    from bench_train_dalle import overrides, prepare
 
     # the profiled window lies in an interval before the last, whose throughput is reported
     steps, every, (first, window) = (4, 2, (1, 1)) if smoke else (30, 10, (12, 3))
@@ -317,11 +315,7 @@ def train_dalle(device, spec, smoke: bool) -> dict:
         prepare(root, image_size=spec["image_size"], num_layers=spec["vae_layers"], num_tokens=spec["num_image_tokens"])
         args = ["--data", str(root / "tokens"), "--tokenizer", str(root / "tok.model"), "--vae", str(root / "vae"),
                 "--out", str(root / "run"), "train.deepspeed_config=ds_configs/zero2_bf16.json",
-                f"model.dim={spec['dim']}", f"model.depth={spec['depth']}", f"model.heads={spec['heads']}",
-                f"model.dim_head={spec['dim_head']}", f"model.text_seq_len={spec['text_seq_len']}",
-                f"model.attn_types={json.dumps(spec['attn_types'])}", f"train.micro_batch={spec['batch']}",
-                f"train.steps={steps}", f"logging.every_steps={every}", f"logging.peak_flops={PEAK_FLOPS}",
-                f"checkpoint.every_steps={10 * steps}", "logging.sample_every_steps=0", "data.num_workers=2",
+                *overrides(spec, steps, every), f"logging.peak_flops={PEAK_FLOPS}", "data.num_workers=2",
                 f"logging.profile_at_step={first}", f"logging.profile_steps={window}"]
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
         if device == "cpu":

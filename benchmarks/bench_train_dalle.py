@@ -9,6 +9,7 @@ share the same cores (one thread each), so 2-rank figures show overhead, not sca
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,9 +26,7 @@ from dalle_ds.models.pretrained import model_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, LOG_EVERY = 24, 12
-MODEL = ["model.dim=256", "model.depth=4", "model.heads=8", "model.dim_head=32", "model.text_seq_len=64",
-         "train.micro_batch=8", "data.num_workers=1", f"train.steps={STEPS}", f"logging.every_steps={LOG_EVERY}",
-         f"checkpoint.every_steps={10 * STEPS}"]
+SPEC = dict(dim=256, depth=4, heads=8, dim_head=32, text_seq_len=64, batch=8)  # bench_train_step's model
 WORDS = "a photo of the red green blue small large round square dog cat tree house car on in".split()
 
 
@@ -50,12 +49,24 @@ def prepare(root: Path, image_size: int = 128, num_layers: int = 3, num_tokens: 
     train_tokenizer(captions, root / "tok.model", 1_000)
 
 
-def train(root: Path, ranks: int, ds_config: str, model: list[str] = MODEL) -> list[dict]:
-    """A run on ``prepare``'s data with ``ds_configs/<ds_config>.json``; its metrics, a row per
+def overrides(spec: dict, steps: int, log_every: int) -> list[str]:
+    """train-dalle's config overrides for a benchmark spec's model and micro batch: ``steps``
+    steps, logged every ``log_every``, no checkpoint but the last, no sample pictures."""
+    model = [f"model.{key}={spec[key]}" for key in ("dim", "depth", "heads", "dim_head", "text_seq_len")]
+    if "attn_types" in spec:
+        model.append(f"model.attn_types={json.dumps(spec['attn_types'])}")
+    return [*model, f"train.micro_batch={spec['batch']}", f"train.steps={steps}", f"logging.every_steps={log_every}",
+            f"checkpoint.every_steps={10 * steps}", "logging.sample_every_steps=0"]
+
+
+def train(root: Path, ranks: int, ds_config: str, args: list[str]) -> list[dict]:
+    """A fresh run (its folder emptied first) on ``prepare``'s data with
+    ``ds_configs/<ds_config>.json`` and the config overrides ``args``; its metrics, a row per
     logging interval."""
     out = root / f"run_{ds_config}_r{ranks}"
+    shutil.rmtree(out, ignore_errors=True)  # metrics.jsonl is appended to: a rerun would read the last one's rows
     args = ["--data", str(root / "tokens"), "--tokenizer", str(root / "tok.model"), "--vae", str(root / "vae"),
-            "--out", str(out), f"train.deepspeed_config=ds_configs/{ds_config}.json", *model]
+            "--out", str(out), f"train.deepspeed_config=ds_configs/{ds_config}.json", *args]
     launcher = ([sys.executable, "-m", "dalle_ds.training.train_dalle"] if ranks == 1
                 else ["bash", str(ROOT / "launch" / "torchrun.sh"), str(ranks), "train-dalle"])
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
@@ -73,7 +84,8 @@ def main():
         rows = []
         for ranks in (1, 2):
             for stage in (0, 2, 3):
-                m = train(root, ranks, f"zero{stage}")[-1]  # the second interval: start-up excluded
+                run_args = [*overrides(SPEC, STEPS, LOG_EVERY), "data.num_workers=1"]
+                m = train(root, ranks, f"zero{stage}", run_args)[-1]  # the second interval: start-up excluded
                 rows.append([f"ZeRO-{stage}", ranks, f"{m['perf/tokens_per_s']:,.0f}",
                              f"{m['perf/tokens_per_s_per_device']:,.0f}", f"{100 * m['perf/mfu']:.1f}%",
                              f"{100 * m['perf/data_wait_share']:.2f}%"])

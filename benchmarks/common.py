@@ -63,9 +63,9 @@ def footer(start: dict) -> None:
 
 def timeit(fn, warmup: int = 2, repeats: int = 5) -> dict:
     """Runs ``fn`` warmup + repeats times; seconds of the timed runs, median first (on CUDA each
-    run waits for the device). ``host_median``: the time until ``fn`` returned, before that wait:
-    on CUDA, the host's share (launching, Python, syncs inside ``fn``); near ``median``, the run
-    is bound by the host, not the device."""
+    run waits for the device). ``host_median``: the time until ``fn`` returned, before that wait.
+    On CUDA, well below ``median`` means the device is the bottleneck; near it proves nothing (a
+    sync inside ``fn``, or a full launch queue, blocks the host on the device too)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
         fn()

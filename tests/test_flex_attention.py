@@ -179,12 +179,34 @@ def test_split_attention_equals_dense_reference_forward_and_gradients(attn_type,
         grad = torch.randn_like(ref)
         ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
         plans = flex.candidate_plans(pattern.image_alone(), n - t, 8, "cpu")
-        assert any(plan.slots is not None for plan in plans) == (attn_type in ("axial_col", "sparse"))
+        assert any(plan.slots is not None for plan in plans) == (pattern.flex_order() is not None)
         for plan in plans:
             out = split.split_attention(pattern, q, k, v, image_kernel_of(plan))
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
             for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), ref_grads):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_split_attention_recomputed_under_activation_checkpointing_and_once_per_forward():
+    """Inside a non-reentrant checkpoint (``checkpoint_activations``) the forward runs again in
+    the backward; the gradients stay exact. A second backward of one forward is a clear error."""
+    layout = LAYOUTS[1]
+    pattern = build_pattern("axial_col", layout, **OPTIONS)
+    n = layout.total_len - 1
+    plan = flex.plan_for(pattern.image_alone(), n - layout.text_len, 8, "cpu")
+    q, k, v = qkv(n)
+    ref = dense_reference_attention(pattern, q, k, v)
+    grad = torch.randn_like(ref)
+
+    def split_layer(*inputs):
+        return split.split_attention(pattern, *inputs, image_kernel=image_kernel_of(plan))
+    out = torch.utils.checkpoint.checkpoint(split_layer, q, k, v, use_reentrant=False)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    out = split_layer(q, k, v)
+    out.backward(grad, retain_graph=True)
+    with pytest.raises(RuntimeError, match="once per forward"):
+        out.backward(grad)
 
 
 def test_split_attention_in_bf16_follows_the_fp32_reference():

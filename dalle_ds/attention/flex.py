@@ -19,7 +19,8 @@ pattern's choice; ``benchmarks/bench_gpu.py --sections layouts`` times every can
   Lengths, head dim and dtype are static, as the kernel is tuned for them;
 - a mask rule is a pattern method of its class over integer layout constants, plus a slot table
   (a tensor): dynamo guards on the class and those constants, so each (pattern class, layout)
-  compiles once per grad mode, however many layers or models use it;
+  compiles once per grad mode, however many layers or models use it (``split.py``'s image-alone
+  patterns, which also return the log-sum-exp, are layouts of their own);
 - the recompile limit is ``RECOMPILE_LIMIT`` for this function alone, and hitting it is an error
   (dynamo would otherwise run flex_attention unfused, materialising every score, with only a
   warning).
@@ -51,7 +52,8 @@ BLOCK_SIZE = 128
 # attention's tiles: a reordering pays only on long images. bench_gpu.py --sections layouts refits it.
 GATHER_COST = 5.3
 # Compiled variants allowed: 4 sparse pattern classes x 2 grad modes x 2 dtypes leaves room for a
-# second layout (a fine-tuning run at another resolution). Past it: an error, never a slow fallback.
+# second layout (a fine-tuning run at another resolution, or split.py's image-alone patterns beside
+# the whole ones, as bench_gpu.py times both). Past it: an error, never a slow fallback.
 RECOMPILE_LIMIT = 32
 # "compiles": compiled graphs of flex_attention; "unfused_calls": sparse attention calls at the
 # training length on a FlexAttention device that took the gathered path instead
