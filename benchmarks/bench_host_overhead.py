@@ -1,12 +1,14 @@
-"""The host's time per training step: the 441M spec's layers (depth 24, 16 heads, 275 trained parameter
-tensors, attention cycled full/axial_row/axial_col/conv_like) at toy widths and lengths, so that
-the arithmetic is next to nothing and what is left is Python, dispatch and per-tensor work.
+"""The host's time per training step: the 441M spec's layers (depth 24, 16 heads, 275 trained
+parameter tensors, attention cycled full/axial_row/axial_col/conv_like) at toy widths and
+lengths, so that the arithmetic is next to nothing and what is left is Python, dispatch and
+per-tensor work.
 
 Rows: the bare step (forward, backward, fused AdamW; fp32 and bf16 autocast), then `train-dalle`
-itself under each DeepSpeed config (one process; the median of its logging intervals). On a GPU a step
-whose host time exceeds its kernels' time leaves the device idle, and every host-device sync in
-a step (the loss check, DeepSpeed's overflow and norm checks) exposes the host work after it; on
-the H200, train-dalle ran at 59k tokens/s where the bare step ran at 83k (README, "On a GPU").
+itself under each DeepSpeed config (one process; the median of its logging intervals). On a GPU,
+a step whose host time exceeds its kernels' time leaves the device idle, and every host-device
+sync in a step (the loss check, DeepSpeed's overflow and norm checks) exposes the host work after
+it; on the H200, train-dalle ran at 59k tokens/s where the bare step ran at 83k (README, "On a
+GPU").
 
 Run: .venv/bin/python benchmarks/bench_host_overhead.py   (no target: it says where host time goes)
 """
