@@ -108,23 +108,30 @@ def _attention_row(row: dict, pattern, run, inputs, timing, full_ms, forward_onl
     measured); an error is recorded in the row, and the other rows still count."""
     from dalle_ds.attention.kernels import dense_reference_attention
 
-    q, k, v, grad = inputs
+    q, k, v, _ = inputs
     args = [x.detach() for x in (q, k, v)] if forward_only else (q, k, v)  # in grad mode: one compile
     try:
         row["max_err"] = _max_error(run(*args), dense_reference_attention(pattern, *(x.detach().float() for x in args)))
-
-        def step():
-            out = run(*args)
-            if not forward_only:
-                out.backward(grad)
-                q.grad = k.grad = v.grad = None
-        row["ms"] = common.timeit(step, **timing)["median"] * 1e3
+        row["ms"] = common.timeit(_fwd_bwd(run, inputs, forward_only), **timing)["median"] * 1e3
         row["vs_full"] = row["ms"] / full_ms if full_ms else None
         print(f"  {row}")
     except Exception:
         row["error"] = traceback.format_exc(limit=2)
         print(row["error"])
     return row
+
+
+def _fwd_bwd(run, inputs, forward_only: bool):
+    """A step of ``run(q, k, v)`` and its backward of ``grad`` (``inputs``: q, k, v, grad), the
+    gradients dropped after it; the forward alone on detached inputs with ``forward_only``."""
+    q, k, v, grad = inputs
+
+    def step():
+        if forward_only:
+            return run(q.detach(), k.detach(), v.detach())
+        run(q, k, v).backward(grad)
+        q.grad = k.grad = v.grad = None
+    return step
 
 
 def layouts(device, shapes, timing) -> list[dict]:
@@ -145,11 +152,7 @@ def layouts(device, shapes, timing) -> list[dict]:
         for name in ATTN_TYPES[1:]:
             pattern = build_pattern(name, layout)
             for plan in flex.candidate_plans(pattern, n, d, device):
-                def step():
-                    if device == "cpu":  # --smoke: FlexAttention has no CPU backward
-                        return plan.attend(q.detach(), k.detach(), v.detach())
-                    plan.attend(q, k, v).backward(grad)
-                    q.grad = k.grad = v.grad = None
+                step = _fwd_bwd(plan.attend, (q, k, v, grad), forward_only=device == "cpu")  # --smoke: no CPU backward
                 row = dict(shape=str(tuple(q.shape)), type=name, layout=str(plan), tile_fraction=plan.tile_fraction,
                            partial_fraction=plan.partial_fraction, estimated_cost=plan.estimated_cost,
                            ms=common.timeit(step, **timing)["median"] * 1e3)

@@ -116,9 +116,10 @@ class _SlotGather(torch.autograd.Function):
         return grad.index_select(2, back), None, None
 
 
-def pattern_attention(pattern: AttentionPattern, q, k, v, kernel=None):
-    """FlexAttention of q, k, v (b, h, n, d) under ``pattern``; ``kernel`` as in ``FlexPlan.attend``."""
-    return plan_for(pattern, q.shape[2], q.shape[3], q.device).attend(q, k, v, kernel)
+def pattern_attention(pattern: AttentionPattern, q, k, v, kernel=None, return_lse: bool = False):
+    """FlexAttention of q, k, v (b, h, n, d) under ``pattern``; ``kernel`` and ``return_lse`` as in
+    ``FlexPlan.attend``."""
+    return plan_for(pattern, q.shape[2], q.shape[3], q.device).attend(q, k, v, kernel, return_lse)
 
 
 def plan_for(pattern: AttentionPattern, n: int, head_dim: int, device) -> FlexPlan:

@@ -22,6 +22,7 @@ w2 (rowsum(dO o2) - rowsum(dO O)) for lse2.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache, partial
 from typing import Callable
 
 import torch
@@ -42,9 +43,14 @@ def usable(q: torch.Tensor) -> bool:
     if q.device.type == "cpu":
         return True
     d = q.shape[-1]
-    return (q.device.type == "cuda" and torch.backends.cuda.is_flash_attention_available()
-            and torch.cuda.get_device_capability(q.device) >= (8, 0)
-            and q.dtype in _FLASH_DTYPES and d % 8 == 0 and d <= 256)
+    return _flash_on(q.device) and q.dtype in _FLASH_DTYPES and d % 8 == 0 and d <= 256
+
+
+@cache
+def _flash_on(device: torch.device) -> bool:
+    """Whether this CUDA device runs the flash kernel (asked once per device, not per layer call)."""
+    return (device.type == "cuda" and torch.backends.cuda.is_flash_attention_available()
+            and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
 def split_attention(pattern: AttentionPattern, q, k, v, image_kernel: ImageKernel | None = None):
@@ -61,9 +67,7 @@ def split_attention(pattern: AttentionPattern, q, k, v, image_kernel: ImageKerne
 def flex_image(pattern: AttentionPattern, kernel=None) -> ImageKernel:
     """The image kernel by FlexAttention under ``pattern`` (an image-alone one), in the layout
     ``flex.py`` chooses; ``kernel`` as in ``FlexPlan.attend`` (default: compiled)."""
-    def attend(q, k, v):
-        return flex.plan_for(pattern, q.shape[2], q.shape[3], q.device).attend(q, k, v, kernel, return_lse=True)
-    return attend
+    return partial(flex.pattern_attention, pattern, kernel=kernel, return_lse=True)
 
 
 class _SplitAttention(torch.autograd.Function):
