@@ -1,7 +1,8 @@
 """The DeepSpeed engine around a plain model: the process group, the engine, and gathering its
 weights. Elsewhere DeepSpeed is used only as a library of tools: optim.py takes its CPU Adam
 for ZeRO-Offload, export.py its consolidation of ZeRO checkpoints, and checkpoint.py calls the
-engine's own save and load.
+engine's own save and load; grad_checks.py replaces two per-tensor gradient checks of its ZeRO-1/2
+optimizer with fused ones.
 
 ds_configs/*.json hold engine settings only (ZeRO stage, precision, offload); batch sizes,
 gradient clipping and the optimizer come from the run config and are merged in here, so one
@@ -21,6 +22,7 @@ from torch import nn
 
 from ..config import BatchLayout
 from ..distributed import DistEnv
+from . import grad_checks
 from .optim import OptimConfig, build_optimizer, build_scheduler
 
 # Keys a ds_config must not set: the run config owns them.
@@ -80,9 +82,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def build_engine(model: nn.Module, engine_settings: dict, batch: BatchLayout, optim: OptimConfig):
+def build_engine(model: nn.Module, engine_settings: dict, batch: BatchLayout, optim: OptimConfig,
+                 fused_grad_checks: bool):
     """deepspeed.initialize for real: DeepSpeed owns the optimizer step, ZeRO partitioning,
-    precision and gradient accumulation. Returns (engine, scheduler)."""
+    precision and gradient accumulation; ``fused_grad_checks``: see grad_checks.py. Returns
+    (engine, scheduler)."""
     import deepspeed
 
     config = ds_config(engine_settings, batch, optim)
@@ -90,6 +94,8 @@ def build_engine(model: nn.Module, engine_settings: dict, batch: BatchLayout, op
     optimizer = build_optimizer(model, optim, cpu_offload=offload)
     scheduler = build_scheduler(optimizer, optim)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    if fused_grad_checks:
+        grad_checks.fuse(engine)
     return engine, scheduler
 
 

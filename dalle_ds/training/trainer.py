@@ -56,6 +56,9 @@ class TrainConfig:
     seed: int = 0  # model init, data order and dropout
     deepspeed_config: str = "ds_configs/zero2.json"  # engine settings: ZeRO stage, precision, offload
     max_bad_steps: int = 10  # stop after this many non-finite losses (or skipped non-finite-gradient steps) in a row
+    # ZeRO-1/2's overflow and norm checks as one multi-tensor kernel each (training/grad_checks.py);
+    # false: DeepSpeed's own, a few kernels per parameter tensor
+    fused_grad_checks: bool = True
 
 
 @dataclass
@@ -238,7 +241,7 @@ class Trainer:
         settings = load_ds_config(train.deepspeed_config)
         if load_universal:
             settings = {**settings, "checkpoint": {**settings.get("checkpoint", {}), "load_universal": True}}
-        self.engine, self.scheduler = build_engine(self.model, settings, self.batch, optim)
+        self.engine, self.scheduler = build_engine(self.model, settings, self.batch, optim, train.fused_grad_checks)
         self.precision = next((dtype for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))
                                if settings.get(name, {}).get("enabled")), torch.float32)
 
