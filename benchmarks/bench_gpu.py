@@ -10,7 +10,8 @@
   split attention, and with every layer full; the peer on the cycled and the full one;
 - cached generation of 8 images at the 441M spec, eagerly and replaying a CUDA graph per token:
   image tokens/s, per-token latency, the peer;
-- ``train-dalle`` itself (DeepSpeed ZeRO-2 bf16, synthetic token shards): its ``metrics.jsonl``;
+- ``train-dalle`` itself (DeepSpeed ZeRO-2 bf16, synthetic token shards): its ``metrics.jsonl``,
+  as shipped, with DeepSpeed's own gradient checks, and with ``overlap_comm`` off;
 - a profile of the cycled train step, and of train-dalle's (``logging.profile_at_step``): kernel
   time by kind and the costliest kernels, to say where a step's time goes;
 - only when named, ``layouts``: every FlexAttention layout of each sparse type timed, and the
@@ -23,9 +24,10 @@ The peer runs where ``DALLE_DS_PEER_PATH`` (a folder it was installed into) or
 On a machine without CUDA it says so and exits 0; ``--smoke`` runs every section there at toy
 sizes instead (a check of this script, not a measurement). A failing row or section is printed
 and recorded, and the others still run; rows are printed as they are measured. On an H200
-(2026-11-30) the sections took: train_step 144 s, profile 8 s, train_dalle 38 s, attention 138 s
-(then with autotuned compiles), generation over 225 s (with the peer): ``--sections`` splits the
-run to fit a device's time limit, and ``--no-peer`` drops the peer's rows.
+(2026-11-30) the sections took: train_step 144 s, profile 8 s, train_dalle 38 s (one run; it
+now makes three), attention 138 s (then with autotuned compiles), generation over 225 s (with
+the peer): ``--sections`` splits the run to fit a device's time limit, and ``--no-peer`` drops
+the peer's rows.
 """
 
 from __future__ import annotations
@@ -307,35 +309,51 @@ def generation(device, spec, timing, peer: bool) -> list[dict]:
     return rows
 
 
+# train-dalle runs: label -> (changes to ds_configs/zero2_bf16.json's zero_optimization, config
+# overrides). DeepSpeed's own per-tensor gradient checks measure what grad_checks.py saves; with
+# overlap_comm, DeepSpeed synchronizes the device at every gradient bucket it reduces.
+TRAIN_DALLE_RUNS = {"as shipped": ({}, []),
+                    "DeepSpeed's own gradient checks": ({}, ["train.fused_grad_checks=false"]),
+                    "overlap_comm off": ({"overlap_comm": False}, [])}
+
+
 def train_dalle(device, spec, smoke: bool) -> dict:
-    """A real train-dalle run (one process, DeepSpeed ZeRO-2 bf16) on synthetic token shards."""
+    """Real train-dalle runs (one process, DeepSpeed ZeRO-2 bf16) on synthetic token shards, one
+    per ``TRAIN_DALLE_RUNS`` entry; the first is profiled."""
     from bench_train_dalle import overrides, prepare
 
     # the profiled window lies in an interval before the last, whose throughput is reported
     steps, every, (first, window) = (4, 2, (1, 1)) if smoke else (30, 10, (12, 3))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    if device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         prepare(root, image_size=spec["image_size"], num_layers=spec["vae_layers"], num_tokens=spec["num_image_tokens"])
-        args = ["--data", str(root / "tokens"), "--tokenizer", str(root / "tok.model"), "--vae", str(root / "vae"),
-                "--out", str(root / "run"), "train.deepspeed_config=ds_configs/zero2_bf16.json",
-                *overrides(spec, steps, every), f"logging.peak_flops={PEAK_FLOPS}", "data.num_workers=2",
-                f"logging.profile_at_step={first}", f"logging.profile_steps={window}"]
-        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-        if device == "cpu":
-            env["DS_ACCELERATOR"] = "cpu"
-        start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "dalle_ds.training.train_dalle", *args], env=env,
-                              capture_output=True, text=True, cwd=common.HERE.parent)
-        if proc.returncode:
-            raise RuntimeError(f"train-dalle failed:\n{proc.stderr[-4000:]}")
-        last = json.loads((root / "run" / "metrics.jsonl").read_text().splitlines()[-1])
-        summary = next((root / "run" / "profile").glob("*.txt")).read_text()
-    last["wall_s"] = time.perf_counter() - start
-    print(f"train-dalle, {steps} steps, last interval: {last['perf/tokens_per_s']:,.0f} tokens/s, MFU "
-          f"{100 * last['perf/mfu']:.1f}% (of {PEAK_FLOPS / 1e12:.0f} TFLOP/s; target >= 45%), "
-          f"FlexAttention compiles {last.get('attention/flex_compiles')}, unfused calls "
-          f"{last.get('attention/unfused_calls')}; whole run {last['wall_s']:.0f} s\nits profile: {summary}")
-    return last
+        shipped = json.loads((common.HERE.parent / "ds_configs" / "zero2_bf16.json").read_text())
+        for n, (label, (zero, extra)) in enumerate(TRAIN_DALLE_RUNS.items()):
+            ds_config, out = root / f"ds_config{n}.json", root / f"run{n}"
+            ds_config.write_text(json.dumps({**shipped, "zero_optimization": {**shipped["zero_optimization"], **zero}}))
+            profiled = [f"logging.profile_at_step={first}", f"logging.profile_steps={window}"] if n == 0 else []
+            args = ["--data", str(root / "tokens"), "--tokenizer", str(root / "tok.model"), "--vae", str(root / "vae"),
+                    "--out", str(out), f"train.deepspeed_config={ds_config}", *overrides(spec, steps, every),
+                    f"logging.peak_flops={PEAK_FLOPS}", "data.num_workers=2", *profiled, *extra]
+            start = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "dalle_ds.training.train_dalle", *args], env=env,
+                                  capture_output=True, text=True, cwd=common.HERE.parent)
+            if proc.returncode:
+                raise RuntimeError(f"train-dalle ({label}) failed:\n{proc.stderr[-4000:]}")
+            last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+            last["wall_s"] = time.perf_counter() - start
+            print(f"train-dalle, {label}, {steps} steps, last interval: {last['perf/tokens_per_s']:,.0f} tokens/s, "
+                  f"MFU {100 * last['perf/mfu']:.1f}% (of {PEAK_FLOPS / 1e12:.0f} TFLOP/s; target >= 45%), "
+                  f"FlexAttention compiles {last.get('attention/flex_compiles')}, unfused calls "
+                  f"{last.get('attention/unfused_calls')}; whole run {last['wall_s']:.0f} s")
+            if profiled:
+                print(f"its profile: {next((out / 'profile').glob('*.txt')).read_text()}")
+            results[label] = last
+    return results
 
 
 def profile(device, spec, timing) -> dict:

@@ -26,7 +26,9 @@ from dalle_ds.training.optim import OptimConfig, build_optimizer
 SPEC = dict(dim=64, depth=24, heads=16, dim_head=4, num_text_tokens=1000, text_seq_len=8, image_size=32,
             vae_layers=3, num_image_tokens=64, batch=1, attn_types=["full", "axial_row", "axial_col", "conv_like"])
 STEPS, LOG_EVERY, SKIPPED = 100, 10, 2  # the median interval after the first SKIPPED (start-up)
-DS_CONFIGS = ("zero0", "zero1", "zero2", "zero2_bf16")
+# train-dalle rows: a ds_config, and config overrides
+RUNS = {"zero0": ("zero0", []), "zero1": ("zero1", []), "zero2": ("zero2", []), "zero2_bf16": ("zero2_bf16", []),
+        "zero2_bf16, DeepSpeed's own gradient checks": ("zero2_bf16", ["train.fused_grad_checks=false"])}
 ROUNDS = 2
 
 
@@ -55,12 +57,52 @@ def main():
             for label, dtype in bare.items():
                 step = common.train_step_fn(model, text, codes, optimizer, autocast_dtype=dtype)
                 record(label, common.timeit(step, warmup=3, repeats=20)["median"] * 1e3)
-            for ds_config in DS_CONFIGS:
-                metrics = train(root, 1, ds_config, args)[SKIPPED:]
-                record(f"train-dalle, {ds_config}", statistics.median(tokens / m["perf/tokens_per_s"] * 1e3 for m in metrics))
+            for label, (ds_config, extra) in RUNS.items():
+                metrics = train(root, 1, ds_config, [*args, *extra])[SKIPPED:]
+                record(f"train-dalle, {label}", statistics.median(tokens / m["perf/tokens_per_s"] * 1e3 for m in metrics))
     reference = ms["bare step, fp32"]
     common.table(["run", "ms/step", "over the bare fp32 step"], [[label, t, t - reference] for label, t in ms.items()])
+    print("\noperations that compute (kernel launches on a GPU), one step:")
+    common.table(["run", "per step", "in its optimizer step"], operations(text, codes))
     common.footer(start)
+
+
+def operations(text, codes) -> list[list]:
+    """Operations that compute in a step, and in its optimizer step: the bare bf16-autocast step
+    (fused AdamW, no clipping) and DeepSpeed's ZeRO-2 bf16 engine, with the fused gradient checks
+    and with its own. Run last: it starts a process group in this process, whose address the
+    train-dalle runs would inherit."""
+    from dalle_ds.config import BatchLayout
+    from dalle_ds.distributed import DistEnv
+    from dalle_ds.training.engine import build_engine, init_distributed, load_ds_config
+    from dalle_ds.training.profiling import ComputeCounter
+
+    def count(forward_backward, step) -> list[int]:
+        forward_backward()
+        step()  # the first step builds state
+        with ComputeCounter() as whole:
+            forward_backward()
+            with ComputeCounter() as stepping:
+                step()
+        return [whole.count, stepping.count]
+
+    init_distributed(DistEnv())
+    optim = OptimConfig(lr=1e-4, total_steps=STEPS)
+    model = common.build_ours(SPEC)
+    optimizer = build_optimizer(model, optim)
+
+    def bare():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(text, codes, return_loss=True)
+        loss.backward()
+
+    rows = [["bare step, bf16 autocast", *count(bare, lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True)))]]
+    for label, fused in (("fused gradient checks", True), ("DeepSpeed's own gradient checks", False)):
+        engine, _ = build_engine(common.build_ours(SPEC), load_ds_config("ds_configs/zero2_bf16.json"),
+                                 BatchLayout(SPEC["batch"], 1, 1), optim, fused_grad_checks=fused)
+        rows.append([f"DeepSpeed ZeRO-2 bf16, {label}",
+                     *count(lambda: engine.backward(engine(text, codes, return_loss=True)), engine.step)])
+    return rows
 
 
 if __name__ == "__main__":

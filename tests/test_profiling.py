@@ -1,12 +1,13 @@
-"""training/profiling.py's split of kernel time by kind, on CUDA kernel names as the H200 showed
-them (a CPU machine's profiler records no CUDA kernels, so the events are built here)."""
+"""training/profiling.py: the split of kernel time by kind, on CUDA kernel names as the H200 showed
+them (a CPU machine's profiler records no CUDA kernels, so the events are built here); the count
+of operations that compute."""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from dalle_ds.training.profiling import describe, time_by_kind
+from dalle_ds.training.profiling import ComputeCounter, describe, time_by_kind
 
 CUDA, CPU = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
 
@@ -35,3 +36,13 @@ def test_on_cpu_operations_own_time_counts():
               kernel("aten::add", 1000, CPU)]
     by_kind = time_by_kind(events, steps=1, on_cuda=False)
     assert by_kind == pytest.approx({"attention": 1.0, "matmul": 2.0, "other": 1.0})
+
+
+def test_the_compute_counter_counts_what_computes_views_aside():
+    x = torch.ones(4, 4)
+    with ComputeCounter() as ops:
+        y = x.t()[1:].unsqueeze(0)  # views only
+        views = ops.count
+        (y * 2).sum()
+    assert views == 0
+    assert ops.count == 2  # mul, sum

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..files import atomic_write, atomic_write_bytes
 
@@ -42,6 +43,21 @@ def time_by_kind(events, steps: int, on_cuda: bool) -> dict[str, float]:
 def describe(by_kind: dict[str, float]) -> str:
     total = sum(by_kind.values()) or 1.0
     return ", ".join(f"{kind} {ms:.1f} ({100 * ms / total:.0f}%)" for kind, ms in by_kind.items())
+
+
+class ComputeCounter(TorchDispatchMode):
+    """``with ComputeCounter() as ops:``, then ``ops.count``: the operations dispatched inside that
+    compute (views excluded). On a GPU each is a kernel launch or a few, so the count measures a
+    step's launch overhead on any machine. It sees the calling thread only: count a backward on
+    CPU, where autograd runs it there."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
 
 
 class StepProfiler:
