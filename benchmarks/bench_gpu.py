@@ -12,8 +12,9 @@
   image tokens/s, per-token latency, the peer;
 - ``train-dalle`` itself (DeepSpeed ZeRO-2 bf16, synthetic token shards): its ``metrics.jsonl``,
   as shipped, with DeepSpeed's own gradient checks, and with ``overlap_comm`` off;
-- a profile of the cycled train step, and of train-dalle's (``logging.profile_at_step``): kernel
-  time by kind and the costliest kernels, to say where a step's time goes;
+- a profile of the cycled train step, eager and with compiled blocks, and of train-dalle's
+  (``logging.profile_at_step``): kernel time by kind and the costliest kernels, to say where a
+  step's time goes;
 - only when named, ``layouts``: every FlexAttention layout of each sparse type timed, and the
   gather cost they imply (to check ``flex.GATHER_COST``).
 
@@ -357,25 +358,33 @@ def train_dalle(device, spec, smoke: bool) -> dict:
 
 
 def profile(device, spec, timing) -> dict:
-    """Two cycled train steps under the trainers' own profiler (``training/profiling.py``): wall
-    time, kernel time by kind and the costliest kernels."""
+    """Two cycled train steps under the trainers' own profiler (``training/profiling.py``), eager
+    and with compiled blocks (slower on the H200, cause unknown): wall time, kernel time by kind
+    and the costliest kernels."""
+    from dalle_ds.training.compile import compile_blocks
     from dalle_ds.training.optim import OptimConfig, build_optimizer
     from dalle_ds.training.profiling import StepProfiler
 
-    model = common.build_ours(spec).to(device)
-    opt = build_optimizer(model, OptimConfig(lr=1e-4))
-    text, codes = common.make_batch(spec, device=device)
-    step = common.train_step_fn(model, text, codes, opt, torch.bfloat16)
-    common.timeit(step, warmup=timing["warmup"], repeats=1)
-    with tempfile.TemporaryDirectory() as tmp:
-        profiler = StepProfiler(1, 2, Path(tmp), 0, torch.device(device))
-        for number in (1, 2):
-            profiler.starting(number)
-            step()
-            profiler.finished(number)
-        summary = next(Path(tmp).glob("*.txt")).read_text()
-    print(summary)
-    return dict(summary=summary)
+    summaries = {}
+    for label, compiled in (("eager", False), ("compiled blocks", True)):
+        model = common.build_ours(spec).to(device)
+        if compiled:
+            compile_blocks(model.transformer)
+        opt = build_optimizer(model, OptimConfig(lr=1e-4))
+        text, codes = common.make_batch(spec, device=device)
+        step = common.train_step_fn(model, text, codes, opt, torch.bfloat16)
+        common.timeit(step, warmup=timing["warmup"], repeats=1)  # the compiles happen here
+        with tempfile.TemporaryDirectory() as tmp:
+            profiler = StepProfiler(1, 2, Path(tmp), 0, torch.device(device))
+            for number in (1, 2):
+                profiler.starting(number)
+                step()
+                profiler.finished(number)
+            summaries[label] = next(Path(tmp).glob("*.txt")).read_text()
+        print(f"{label}: {summaries[label]}")
+        del model, opt, step
+        _reset_memory(device)
+    return summaries
 
 
 def _reset_memory(device) -> None:
