@@ -56,8 +56,8 @@ class TrainConfig:
     seed: int = 0  # model init, data order and dropout
     deepspeed_config: str = "ds_configs/zero2.json"  # engine settings: ZeRO stage, precision, offload
     max_bad_steps: int = 10  # stop after this many non-finite losses (or skipped non-finite-gradient steps) in a row
-    # ZeRO-1/2's overflow and norm checks as one multi-tensor kernel each (training/grad_checks.py);
-    # false: DeepSpeed's own, a few kernels per parameter tensor
+    # ZeRO-1/2's overflow and norm checks as one multi-tensor operation each (training/grad_checks.py);
+    # false: DeepSpeed's own, a few operations per parameter tensor
     fused_grad_checks: bool = True
 
 
