@@ -34,18 +34,17 @@ from types import MethodType
 import torch
 
 
-def fuse(engine) -> bool:
-    """Swaps in the fused checks where they apply (see the module docstring); True if it did."""
+def fuse(engine) -> None:
+    """Swaps in the fused checks where they apply (see the module docstring)."""
     from deepspeed.runtime.pipe.engine import PipelineEngine
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     optimizer = engine.optimizer
     if (type(optimizer) is not DeepSpeedZeroOptimizer or isinstance(engine, PipelineEngine) or optimizer.cpu_offload
             or optimizer.model_parallel_group is not None or optimizer.has_moe_layers):
-        return False
+        return
     optimizer.has_overflow_partitioned_grads_serial = MethodType(_any_non_finite, optimizer)
     optimizer.get_grad_norm_direct = MethodType(_grad_norm, optimizer)
-    return True
 
 
 def _norms(gradients, order: float) -> torch.Tensor:
