@@ -1,9 +1,16 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# This environment's bin first, for every test and the commands they start: its console scripts
+# (dalle-ds, torchrun), and one ninja for the C++ op builds (DeepSpeed's shm comm, our attention
+# kernel). A system ninja of another version reads the build log as stale, so each switch between
+# the two rebuilt the ops (30 s).
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 torch.set_num_threads(2)
 
 

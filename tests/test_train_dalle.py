@@ -49,7 +49,7 @@ def command(inputs, out, *extra, ranks=1, ds_config="zero2.json"):
     return ["bash", str(ROOT / "launch" / "torchrun.sh"), str(ranks), "train-dalle", *args]
 
 
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu"}
 
 
 def run(cmd, with_stderr=False, timeout=300):
