@@ -4,7 +4,9 @@ lengths, so that the arithmetic is next to nothing and what is left is Python, d
 per-tensor work.
 
 Rows: the bare step (forward, backward, fused AdamW; fp32 and bf16 autocast), then `train-dalle`
-itself under each DeepSpeed config (one process; the median of its logging intervals). On a GPU,
+itself under each DeepSpeed config, and under ZeRO-2 bf16 with DeepSpeed's own per-tensor gradient
+checks (one process; the median of its logging intervals). Then a second table: the operations
+that compute in one step and in its optimizer step (``profiling.ComputeCounter``). On a GPU,
 a step whose host time exceeds its kernels' time leaves the device idle, and every host-device
 sync in a step (the loss check, DeepSpeed's overflow and norm checks) exposes the host work after
 it; on the H200, train-dalle ran at 59k tokens/s where the bare step ran at 83k (README, "On a
