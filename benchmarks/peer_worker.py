@@ -26,11 +26,12 @@ from dalle_pytorch.attention import Attention  # noqa: E402
 import common  # noqa: E402  (benchmarks/ is sys.path[0]: this script's folder)
 
 
-def build_peer(spec: dict) -> DALLE:
+def build_peer(spec: dict, optimize_for_inference: bool = False) -> DALLE:
     vae = DiscreteVAE(image_size=spec["image_size"], num_layers=spec["vae_layers"], num_tokens=spec["num_image_tokens"])
     return DALLE(dim=spec["dim"], vae=vae, num_text_tokens=spec["num_text_tokens"], text_seq_len=spec["text_seq_len"],
                  depth=spec["depth"], heads=spec["heads"], dim_head=spec["dim_head"],
-                 attn_types=spec.get("attn_types")).train()  # rotary_emb, shift_tokens: defaults (True)
+                 attn_types=spec.get("attn_types"),  # rotary_emb, shift_tokens: defaults (True)
+                 optimize_for_inference=optimize_for_inference).train()
 
 
 def main(request: dict) -> dict:
@@ -54,7 +55,8 @@ def main(request: dict) -> dict:
         fn = common.attention_only_fn(attn, heads * dim_head, spec["batch"], n, lambda a, x: a(x))
         return common.timeit(fn, **timing)
     if task == "generate":
-        model = build_peer(spec).to(device).eval()
+        # optimize_for_inference: its axial layers as masked full attention, which its cache serves
+        model = build_peer(spec, request.get("optimize_for_inference", False)).to(device).eval()
         model.vae.decode = lambda codes: codes  # time the token loop only, not the VAE decoder
         if request.get("engage_cache"):
             # 1.6.6's forward_with_cond_scale drops its `cache` argument when cond_scale == 1, so
