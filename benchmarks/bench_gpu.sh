@@ -4,6 +4,10 @@
 #   bash benchmarks/bench_gpu.sh --fetch   # here, with PyPI: wheels into benchmarks/.gpu-wheels (git-ignored)
 #   bash benchmarks/bench_gpu.sh [ARGS]    # there: installs them into temporary folders and runs
 #                                          # bench_gpu.py ARGS; figures and log go to $OUT (or a temp dir)
+#   bash benchmarks/bench_gpu.sh --tests [K]  # there: instead, the tests that need CUDA (skipped on
+#                                          # CPU) whose names match pytest's -k K (default: the split
+#                                          # attention and CUDA-graph ones, about 14 tests and 4
+#                                          # FlexAttention compiles; "cuda": all 32, minutes of compiles)
 #
 # The target has Python 3.12 with torch (CUDA), einops, sentencepiece, tensorboard, safetensors,
 # pillow and numpy. Ours gets DeepSpeed (built here from a venv with torch) and the pure-Python
@@ -16,7 +20,8 @@ if [[ "${1:-}" == --fetch ]]; then
     .venv/bin/pip wheel --quiet --no-deps --no-build-isolation deepspeed==0.19.8 -w "$wheels/ours"
     .venv/bin/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
         --platform manylinux2014_x86_64 pydantic-core==2.41.5 pydantic==2.12.5 hjson annotated-types \
-        typing-inspection webdataset braceexpand tqdm psutil py-cpuinfo msgpack -d "$wheels/ours"
+        typing-inspection webdataset braceexpand tqdm psutil py-cpuinfo msgpack \
+        pytest pluggy iniconfig packaging -d "$wheels/ours"
     # the peer: what dalle_pytorch imports when it loads (peer_worker.py stubs omegaconf and taming)
     .venv/bin/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
         --platform manylinux2014_x86_64 dalle-pytorch==1.6.6 axial-positional-embedding rotary-embedding-torch \
@@ -32,5 +37,11 @@ python3 -m pip install --quiet --no-index --no-deps --target "$site/ours" --pyth
 python3 -m pip install --quiet --no-index --no-deps --target "$site/peer" --python-version 3.12 \
     --only-binary=:all: --platform manylinux2014_x86_64 "$wheels"/peer/*.whl
 export PYTHONPATH="$PWD:$site/ours" DALLE_DS_PEER_PATH="$site/peer"
+if [[ "${1:-}" == --tests ]]; then
+    python3 -m pytest -q -rs -p no:cacheprovider -k "${2:-split_attention_on_cuda or cuda_graph_generation_equals}" \
+        tests/test_flex_attention.py tests/test_attention_patterns.py tests/test_generation.py 2>&1 \
+        | tee "$out/cuda_tests.log"
+    exit "${PIPESTATUS[0]}"
+fi
 cd benchmarks
 python3 bench_gpu.py --out "$out/bench_gpu.json" "$@" 2>&1 | tee "$out/bench_gpu.log"
