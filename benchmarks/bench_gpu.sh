@@ -21,7 +21,7 @@ if [[ "${1:-}" == --fetch ]]; then
     .venv/bin/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
         --platform manylinux2014_x86_64 pydantic-core==2.41.5 pydantic==2.12.5 hjson annotated-types \
         typing-inspection webdataset braceexpand tqdm psutil py-cpuinfo msgpack \
-        pytest pluggy iniconfig packaging -d "$wheels/ours"
+        pytest pytest-timeout pluggy iniconfig packaging -d "$wheels/ours"
     # the peer: what dalle_pytorch imports when it loads (peer_worker.py stubs omegaconf and taming)
     .venv/bin/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
         --platform manylinux2014_x86_64 dalle-pytorch==1.6.6 axial-positional-embedding rotary-embedding-torch \
