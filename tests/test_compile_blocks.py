@@ -24,6 +24,8 @@ def test_compiled_blocks_give_the_eager_losses_gradients_and_logits():
         for model in (eager, compiled):
             model.zero_grad()
             model(text, codes, return_loss=True).backward()
+        if batch == 2:  # a block is two graphs: before the attention call (one per pattern) and after it
+            assert counters["frames"]["total"] == len(PATTERNS) + 1, dict(counters["frames"])
         for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
             if a.grad is not None:
                 torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)

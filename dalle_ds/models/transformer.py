@@ -26,16 +26,25 @@ AttendFn = Callable[..., torch.Tensor]
 
 
 class Attention(nn.Module):
+    """The projections around an attention call; the call itself is the block's (see Block)."""
+
     def __init__(self, dim: int, heads: int, dim_head: int, dropout: float = 0.0):
         super().__init__()
         self.heads, self.dropout = heads, dropout
         self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
         self.to_out = nn.Linear(heads * dim_head, dim)
 
-    def forward(self, x: torch.Tensor, attend: AttendFn) -> torch.Tensor:
-        q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        out = attend(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+    def qkv(self, x: torch.Tensor):
+        """(b, n, dim) -> q, k, v, each (b, h, n, d)."""
+        return rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+
+    def out(self, heads: torch.Tensor) -> torch.Tensor:
+        """(b, h, n, d) -> (b, n, dim)."""
+        return self.to_out(rearrange(heads, "b h n d -> b n (h d)"))
+
+    @property
+    def dropout_p(self) -> float:
+        return self.dropout if self.training else 0.0
 
 
 class FeedForward(nn.Module):
@@ -92,13 +101,18 @@ class Block(nn.Module):
             nn.LayerNorm(dim), FeedForward(dim, ff_mult, ff_dropout), post_norm())
 
     def attn_branch(self, x, attend: AttendFn):
-        return self.attn_post_norm(self.attn(self.attn_norm(x), attend))
+        q, k, v = self.attn.qkv(self.attn_norm(x))
+        return self.attn_post_norm(self.attn.out(attend(q, k, v, dropout_p=self.attn.dropout_p)))
 
     def ff_branch(self, x):
         return self.ff_post_norm(self.ff(self.ff_norm(x)))
 
     def forward(self, x, attend: AttendFn):
-        x = x + self.attn_branch(x, attend)
+        # attn_branch, written out so that the attention call stands in this frame: compiled
+        # (train.compile_blocks), dynamo breaks the graph at that call, and a break inside a nested
+        # call would split the block into a graph per enclosing frame, each with its own host cost
+        q, k, v = self.attn.qkv(self.attn_norm(x))
+        x = x + self.attn_post_norm(self.attn.out(attend(q, k, v, dropout_p=self.attn.dropout_p)))
         return x + self.ff_branch(x)
 
 

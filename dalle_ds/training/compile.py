@@ -1,7 +1,8 @@
 """Regional torch.compile (torchtitan's way): each transformer block compiled on its own, so the
 compiler fuses its norms, GEGLU, dropouts and residual adds, while the attention call stays
 outside the graphs (``kernels.attend`` is ``torch.compiler.disable``: FlexAttention compiles
-itself, the CPU kernels are C++). A switch of train-dalle, off by default: on an H200 it was
+itself, the CPU kernels are C++). A block is two graphs, before and after that call, since
+``Block.forward`` makes the call in its own frame. A switch of train-dalle, off by default: on an H200 it was
 slower (benchmarks/bench_gpu.py runs the train step both ways; the README has the figures).
 """
 
