@@ -3,9 +3,10 @@ parameter tensors, attention cycled full/axial_row/axial_col/conv_like) at toy w
 lengths, so that the arithmetic is next to nothing and what is left is Python, dispatch and
 per-tensor work.
 
-Rows: the bare step (forward, backward, fused AdamW; fp32 and bf16 autocast), then `train-dalle`
-itself under each DeepSpeed config, and under ZeRO-2 bf16 with DeepSpeed's own per-tensor gradient
-checks (one process; the median of its logging intervals). Then a second table: the operations
+Rows: the bare step (forward, backward, fused AdamW; fp32, bf16 autocast, and bf16 autocast with
+``train.compile_blocks``), then `train-dalle` itself under each DeepSpeed config, and under ZeRO-2
+bf16 with DeepSpeed's own per-tensor gradient checks and with compiled blocks (one process; the
+median of its logging intervals). Then a second table: the operations
 that compute in one step and in its optimizer step (``profiling.ComputeCounter``). On a GPU,
 a step whose host time exceeds its kernels' time leaves the device idle, and every host-device
 sync in a step (the loss check, DeepSpeed's overflow and norm checks) exposes the host work after
@@ -23,6 +24,7 @@ import torch
 
 import common
 from bench_train_dalle import overrides, prepare, train
+from dalle_ds.training.compile import compile_blocks
 from dalle_ds.training.optim import OptimConfig, build_optimizer
 
 SPEC = dict(dim=64, depth=24, heads=16, dim_head=4, num_text_tokens=1000, text_seq_len=8, image_size=32,
@@ -30,7 +32,8 @@ SPEC = dict(dim=64, depth=24, heads=16, dim_head=4, num_text_tokens=1000, text_s
 STEPS, LOG_EVERY, SKIPPED = 100, 10, 2  # the median interval after the first SKIPPED (start-up)
 # train-dalle rows: a ds_config, and config overrides
 RUNS = {"zero0": ("zero0", []), "zero1": ("zero1", []), "zero2": ("zero2", []), "zero2_bf16": ("zero2_bf16", []),
-        "zero2_bf16, DeepSpeed's own gradient checks": ("zero2_bf16", ["train.fused_grad_checks=false"])}
+        "zero2_bf16, DeepSpeed's own gradient checks": ("zero2_bf16", ["train.fused_grad_checks=false"]),
+        "zero2_bf16, compiled blocks": ("zero2_bf16", ["train.compile_blocks=true"])}
 ROUNDS = 2
 
 
@@ -41,9 +44,13 @@ def main():
     trained = sum(p.requires_grad for p in model.parameters())  # what DeepSpeed handles (the VAE is frozen)
     print(f"spec {SPEC}: {trained} trained parameter tensors; {ROUNDS} rounds, each row's fastest (noise only "
           f"adds time)")
-    optimizer = build_optimizer(model, OptimConfig(lr=1e-4))
+    compiled = common.build_ours(SPEC)
+    compile_blocks(compiled.transformer)
     text, codes = common.make_batch(SPEC)
-    bare = {"bare step, fp32": None, "bare step, bf16 autocast": torch.bfloat16}
+    # label -> (model, its optimizer, autocast dtype)
+    bare = {label: (m, build_optimizer(m, OptimConfig(lr=1e-4)), dtype) for label, m, dtype in (
+        ("bare step, fp32", model, None), ("bare step, bf16 autocast", model, torch.bfloat16),
+        ("bare step, bf16 autocast, compiled blocks", compiled, torch.bfloat16))}
     ms: dict[str, float] = {}
     tokens = common.seq_len(SPEC) * SPEC["batch"]  # per step, as train-dalle counts them
     # peak_flops given: no matmul benchmark at start (MFU means nothing here)
@@ -56,8 +63,8 @@ def main():
         root = Path(tmp)
         prepare(root, image_size=SPEC["image_size"], num_layers=SPEC["vae_layers"], num_tokens=SPEC["num_image_tokens"])
         for _ in range(ROUNDS):
-            for label, dtype in bare.items():
-                step = common.train_step_fn(model, text, codes, optimizer, autocast_dtype=dtype)
+            for label, (m, optimizer, dtype) in bare.items():
+                step = common.train_step_fn(m, text, codes, optimizer, autocast_dtype=dtype)
                 record(label, common.timeit(step, warmup=3, repeats=20)["median"] * 1e3)
             for label, (ds_config, extra) in RUNS.items():
                 metrics = train(root, 1, ds_config, [*args, *extra])[SKIPPED:]
