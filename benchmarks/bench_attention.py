@@ -39,7 +39,7 @@ def ours_attention_only(name: str, batched: bool = False):
         return attend(pattern, q, k, v, dropout_p=dropout_p)
 
     return common.attention_only_fn(attn, heads * dim_head, SPEC["batch"], common.seq_len(SPEC),
-                                    lambda a, x: a(x, kernel))
+                                    lambda a, x: a.out(kernel(*a.qkv(x), dropout_p=a.dropout_p)))
 
 
 def main():

@@ -7,7 +7,9 @@ no VAE. Each side samples its own way (ours top-k + multinomial, the peer's top-
 argmax); the peer also computes logits over text + image vocabularies at every step.
 The peer is timed twice: as shipped, where use_cache=True has no effect at cond_scale=1 (its
 forward_with_cond_scale drops the cache argument, so every step reruns the whole prefix), and
-with its KV cache engaged (the argument passed through), which is its best cached speed.
+with its KV cache engaged (the argument passed through), which is its best cached speed here:
+every layer is full, so its optimize_for_inference (sparse layers as cached masked attention,
+bench_gpu.py's peer setting) changes nothing.
 
 Run: .venv/bin/python benchmarks/bench_generation.py   (after bash benchmarks/setup_peer.sh)
 Target: ours >= 20x the peer's image tokens/s.

@@ -7,7 +7,8 @@
 #   bash benchmarks/bench_gpu.sh --tests [K]  # there: instead, the tests that need CUDA (skipped on
 #                                          # CPU) whose names match pytest's -k K (default: the split
 #                                          # attention and CUDA-graph ones, about 14 tests and 4
-#                                          # FlexAttention compiles; "cuda": all 32, minutes of compiles)
+#                                          # FlexAttention compiles; "cuda": 33, the 32 CUDA-only
+#                                          # ones and one that runs anywhere, minutes of compiles)
 #
 # The target has Python 3.12 with torch (CUDA), einops, sentencepiece, tensorboard, safetensors,
 # pillow and numpy. Ours gets DeepSpeed (built here from a venv with torch) and the pure-Python
@@ -21,7 +22,7 @@ if [[ "${1:-}" == --fetch ]]; then
     .venv/bin/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
         --platform manylinux2014_x86_64 pydantic-core==2.41.5 pydantic==2.12.5 hjson annotated-types \
         typing-inspection webdataset braceexpand tqdm psutil py-cpuinfo msgpack \
-        pytest pytest-timeout pluggy iniconfig packaging -d "$wheels/ours"
+        pytest pytest-timeout pluggy iniconfig packaging pygments -d "$wheels/ours"
     # the peer: what dalle_pytorch imports when it loads (peer_worker.py stubs omegaconf and taming)
     .venv/bin/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
         --platform manylinux2014_x86_64 dalle-pytorch==1.6.6 axial-positional-embedding rotary-embedding-torch \

@@ -5,8 +5,8 @@ per-tensor work.
 
 Rows: the bare step (forward, backward, fused AdamW; fp32, bf16 autocast, and bf16 autocast with
 ``train.compile_blocks``), then `train-dalle` itself under each DeepSpeed config, and under ZeRO-2
-bf16 with DeepSpeed's own per-tensor gradient checks and with compiled blocks (one process; the
-median of its logging intervals). Then a second table: the operations
+bf16 with DeepSpeed's own per-tensor gradient checks and, separately, with compiled blocks (one
+process; the median of its logging intervals). Then a second table: the operations
 that compute in one step and in its optimizer step (``profiling.ComputeCounter``). On a GPU,
 a step whose host time exceeds its kernels' time leaves the device idle, and every host-device
 sync in a step (the loss check, DeepSpeed's overflow and norm checks) exposes the host work after

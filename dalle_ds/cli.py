@@ -295,8 +295,8 @@ def _add_demo(sub):
                                     "else 2) -> CLIP -> images for held-out captions -> eval")
     p.add_argument("--out", required=True, help="folder for everything the demo makes")
     p.add_argument("--ranks", type=int, default=None,
-                   help="DALL-E training processes (default: one per GPU, as many as divide the global batch of "
-                        "32, else 2); any count trains that same global batch")
+                   help="DALL-E training processes (default: one per GPU, up to the largest count that divides the "
+                        "global batch of 32, else 2); any count trains that same global batch")
     p.add_argument("--seed", type=int, default=0, help="dataset and training seed (default 0)")
     p.set_defaults(run=_run_demo)
 

@@ -13,7 +13,7 @@ PATTERNS = ("full", "axial_row")  # a dense and a sparse layer: an entry each
 
 def test_compiled_blocks_give_the_eager_losses_gradients_and_logits():
     vae = tiny_vae()
-    eager, compiled = (tiny_dalle(vae, depth=2, attn_types=PATTERNS) for _ in range(2))
+    eager, compiled = (tiny_dalle(vae, depth=4, attn_types=PATTERNS) for _ in range(2))  # each pattern twice
     compiled.load_state_dict(eager.state_dict())
     compile_blocks(compiled.transformer)
     torch._dynamo.reset()
@@ -24,7 +24,8 @@ def test_compiled_blocks_give_the_eager_losses_gradients_and_logits():
         for model in (eager, compiled):
             model.zero_grad()
             model(text, codes, return_loss=True).backward()
-        if batch == 2:  # a block is two graphs: before the attention call (one per pattern) and after it
+        if batch == 2:  # a block is two graphs: before the attention call (one per pattern, not per
+            # block: torch >= 2.5 guards on no module instance) and after it
             assert counters["frames"]["total"] == len(PATTERNS) + 1, dict(counters["frames"])
         for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
             if a.grad is not None:
