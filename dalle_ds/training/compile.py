@@ -2,8 +2,9 @@
 compiler fuses its norms, GEGLU, dropouts and residual adds, while the attention call stays
 outside the graphs (``kernels.attend`` is ``torch.compiler.disable``: FlexAttention compiles
 itself, the CPU kernels are C++). A block is two graphs, before and after that call, since
-``Block.forward`` makes the call in its own frame. A switch of train-dalle, off by default: on an H200 it was
-slower (benchmarks/bench_gpu.py runs the train step both ways; the README has the figures).
+``Block.forward`` makes the call in its own frame. A switch of train-dalle, off by default: on an
+H200 it was slower (benchmarks/bench_gpu.py runs the train step both ways; the README has the
+figures).
 """
 
 from __future__ import annotations
