@@ -12,9 +12,10 @@
   image tokens/s, per-token latency, the peer;
 - ``train-dalle`` itself (DeepSpeed ZeRO-2 bf16, synthetic token shards): its ``metrics.jsonl``,
   as shipped, with DeepSpeed's own gradient checks, and with ``overlap_comm`` off;
-- a profile of the cycled train step, eager and with compiled blocks, and of train-dalle's
-  (``logging.profile_at_step``): kernel time by kind and the costliest kernels, to say where a
-  step's time goes;
+- a profile of the cycled train step, eager and with compiled blocks, of the all-full one, and
+  of train-dalle's (``logging.profile_at_step``): kernel time by kind and the costliest kernels,
+  to say where a step's time goes; for the all-full step, also the memory bandwidth its
+  non-matmul kernels reached (the bytes counted, over their time);
 - only when named, ``layouts``: every FlexAttention layout of each sparse type timed, and the
   gather cost they imply (to check ``flex.GATHER_COST``).
 
@@ -361,20 +362,25 @@ def train_dalle(device, spec, smoke: bool) -> dict:
 
 
 def profile(device, spec, timing) -> dict:
-    """Two cycled train steps under the trainers' own profiler (``training/profiling.py``), eager
-    and with compiled blocks (slower on the H200, cause unknown): wall time, kernel time by kind
-    and the costliest kernels."""
+    """Two train steps under the trainers' own profiler (``training/profiling.py``): cycled eager,
+    cycled with compiled blocks (slower on the H200, cause unknown) and all full eager: wall time,
+    kernel time by kind and the costliest kernels. For the all-full step, also the bytes its
+    operations move (``TrafficCounter``; FlexAttention cannot run under it), so that the other
+    kernels' time gives the memory bandwidth they reached (``bench_traffic.py`` counts the same
+    bytes on a CPU)."""
     from dalle_ds.training.compile import compile_blocks
     from dalle_ds.training.optim import OptimConfig, build_optimizer
-    from dalle_ds.training.profiling import StepProfiler
+    from dalle_ds.training.profiling import StepProfiler, TrafficCounter, sum_by_kind
 
     summaries = {}
-    for label, compiled in (("eager", False), ("compiled blocks", True)):
-        model = common.build_ours(spec).to(device)
+    full_spec = {**spec, "attn_types": ["full"]}
+    for label, run_spec, compiled in (("eager", spec, False), ("compiled blocks", spec, True),
+                                      ("all full, eager", full_spec, False)):
+        model = common.build_ours(run_spec).to(device)
         if compiled:
             compile_blocks(model.transformer)
         opt = build_optimizer(model, OptimConfig(lr=1e-4))
-        text, codes = common.make_batch(spec, device=device)
+        text, codes = common.make_batch(run_spec, device=device)
         step = common.train_step_fn(model, text, codes, opt, torch.bfloat16)
         common.timeit(step, warmup=timing["warmup"], repeats=1)  # the compiles happen here
         with tempfile.TemporaryDirectory() as tmp:
@@ -385,6 +391,14 @@ def profile(device, spec, timing) -> dict:
                 profiler.finished(number)
             summaries[label] = next(Path(tmp).glob("*.txt")).read_text()
         print(f"{label}: {summaries[label]}")
+        if run_spec is full_spec:
+            with TrafficCounter() as traffic:
+                step()
+            gib = {kind: b / 2**30 for kind, b in sum_by_kind(traffic.bytes.items()).items()}
+            ms = profiler.by_kind["other"]
+            summaries["traffic GiB per step"] = gib
+            print("bytes moved per step (counted): " + ", ".join(f"{kind} {g:.2f} GiB" for kind, g in gib.items())
+                  + f"; the other kernels moved theirs in {ms:.1f} ms: {gib['other'] * 2**30 / ms / 1e9:.2f} TB/s")
         del model, opt, step
         _reset_memory(device)
     return summaries

@@ -1,13 +1,13 @@
 """training/profiling.py: the split of kernel time by kind, on CUDA kernel names as the H200 showed
 them (a CPU machine's profiler records no CUDA kernels, so the events are built here); the count
-of operations that compute."""
+of operations that compute, and of the bytes they move."""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from dalle_ds.training.profiling import ComputeCounter, describe, time_by_kind
+from dalle_ds.training.profiling import ComputeCounter, TrafficCounter, describe, sum_by_kind, time_by_kind
 
 CUDA, CPU = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
 
@@ -46,3 +46,21 @@ def test_the_compute_counter_counts_what_computes_views_aside():
         (y * 2).sum()
     assert views == 0
     assert ops.count == 2  # mul, sum
+
+
+def test_the_traffic_counter_counts_one_pass_per_tensor_read_and_written():
+    a, b, c = torch.ones(1000), torch.ones(1000), torch.empty(1000)
+    w = torch.ones(1000, 10, dtype=torch.bfloat16)
+    with TrafficCounter() as traffic:
+        a.t().unsqueeze(0)  # a view
+        torch.empty(1000)  # an allocation
+        a + b  # two read, one written
+        a.add_(b)  # a and b read, a written
+        torch.mul(a, b, out=c)  # c only written
+        a.sum()  # 1000 floats read, one written
+        w.float()  # 2 bytes read and 4 written an element
+    fp32 = 4 * 1000
+    assert traffic.bytes == {"aten.add": 3 * fp32, "aten.add_": 3 * fp32, "aten.mul": 3 * fp32,
+                             "aten.sum": fp32 + 4, "aten._to_copy": 6 * 10_000}
+    assert sum_by_kind([("aten.mm", 10), ("aten._scaled_dot_product_flash_attention", 5), ("aten.mul", 3)]) == {
+        "attention": 5, "matmul": 10, "other": 3}
